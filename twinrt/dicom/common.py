@@ -153,3 +153,17 @@ def save_dataset(ds: Dataset, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         pydicom.dcmwrite(tmp, ds, enforce_file_format=True)
     return path
+
+
+@dataclass
+class CtReference:
+    """What an RTSTRUCT must reference of its CT series.
+
+    :param series_instance_uid: the CT SeriesInstanceUID.
+    :param sop_instance_uids: SOPInstanceUID of each CT slice, in k order (index k of the image).
+    :param sop_class_uid: SOP class of the slices (CT Image Storage).
+    """
+
+    series_instance_uid: str
+    sop_instance_uids: list[str]
+    sop_class_uid: str = CT_IMAGE_STORAGE
