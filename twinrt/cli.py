@@ -1,0 +1,160 @@
+"""The ``twinrt`` command line.
+
+``twinrt demo``            run the All-in-One pipeline on the bundled sample patient
+``twinrt run DIR``         run it on a DICOM patient folder
+``twinrt export``          write an OpenKBP patient or the TG-119 phantom as a DICOM patient
+``twinrt dvh DIR``         print DVH metrics of a DICOM patient folder
+``twinrt validate DIR``    check every DICOM file in a folder with dciodvfy
+``twinrt make-sample``     (developers) rebuild the bundled sample from ../shared/data
+
+Errors of bad input print one line starting with ``error:`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+import twinrt
+from twinrt.errors import MissingInputError, TwinRTError
+
+
+def _print_progress(fraction: float, text: str) -> None:
+    bar = "#" * int(round(fraction * 30))
+    print(f"\r[{bar:<30}] {fraction * 100:5.1f}% {text:<40}", end="" if fraction < 1 else "\n", flush=True)
+
+
+def _cmd_run(dicom_dir: Path, out: Path, no_scene: bool) -> int:
+    from twinrt.pipeline import run_pipeline
+
+    t0 = time.perf_counter()
+    res = run_pipeline(dicom_dir, out, write_scene=not no_scene, progress=_print_progress)
+    print()
+    print(f"{'stage':<34} {'seconds':>8}  status")
+    for name, secs, status in res.timings:
+        print(f"{name:<34} {secs:8.2f}  {status}")
+    print(f"total {time.perf_counter() - t0:.1f} s")
+    for label, path in res.outputs.items():
+        print(f"{label:>8}: {path}")
+    print(twinrt.RESEARCH_USE_ONLY)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from twinrt.data import load_openkbp, load_tg119
+    from twinrt.dicom.folder import export_case
+
+    case = load_tg119(args.tg119 if args.tg119 != "default" else None) if args.tg119 else load_openkbp(args.openkbp)
+    files = export_case(case, args.out)
+    for kind, paths in files.items():
+        print(f"{kind}: {len(paths)} file(s)")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_dvh(args: argparse.Namespace) -> int:
+    from twinrt import dvh
+    from twinrt.dicom.folder import import_case
+
+    case = import_case(args.dicom_dir)
+    if not case.doses:
+        raise MissingInputError(f"{args.dicom_dir} has no RTDOSE; add one to compute DVH metrics", args.dicom_dir)
+    name = args.dose or next(iter(case.doses))
+    rows = dvh.dvh_metrics(case, name)
+    if args.json:
+        print(json.dumps(rows, indent=1, default=float))
+        return 0
+    keys = ["structure", "volume_cc", "mean_gy", "max_gy", "min_gy", "d0.1cc_gy", "d95_gy", "d98_gy", "d2_gy"]
+    keys = [k for k in keys if any(k in r for r in rows)]
+    print(" ".join(f"{k:>12}" for k in keys))
+    for r in rows:
+        print(" ".join(f"{r[k]:12.2f}" if isinstance(r.get(k), (float, np.floating)) else f"{str(r.get(k, '')):>12}"
+                       for k in keys))
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from twinrt.dicom.validate import validate_folder
+
+    results = validate_folder(args.folder)
+    bad = 0
+    for path, errors, warnings in results:
+        print(f"{path.name}: {len(errors)} error(s), {len(warnings)} warning(s)")
+        for e in errors:
+            print("   ", e)
+        bad += bool(errors)
+    print(f"{len(results)} file(s) checked, {bad} with errors")
+    return 1 if bad else 0
+
+
+def _cmd_make_sample(args: argparse.Namespace) -> int:
+    from twinrt.sample_builder import build_sample
+
+    path = build_sample(args.out)
+    print(f"wrote sample patient to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``twinrt`` command."""
+    p = argparse.ArgumentParser(prog="twinrt", description="TwinRT: AI radiotherapy toolkit. "
+                                + twinrt.RESEARCH_USE_ONLY)
+    p.add_argument("--version", action="version", version=f"twinrt {twinrt.__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="run the All-in-One pipeline on the bundled sample patient")
+    d.add_argument("--out", type=Path, default=Path("twinrt-output"), help="output folder (default twinrt-output)")
+    d.add_argument("--no-scene", action="store_true", help="skip the Slicer scene (.mrb)")
+    r = sub.add_parser("run", help="run the All-in-One pipeline on a DICOM patient folder")
+    r.add_argument("dicom_dir", type=Path)
+    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--no-scene", action="store_true", help="skip the Slicer scene (.mrb)")
+    e = sub.add_parser("export", help="write an OpenKBP patient or the TG-119 phantom as DICOM")
+    g = e.add_mutually_exclusive_group(required=True)
+    g.add_argument("--openkbp", type=Path, help="an OpenKBP pt_N.npz file")
+    g.add_argument("--tg119", nargs="?", const="default", help="tg119.npz (default: ../shared/data/tg119)")
+    e.add_argument("--out", type=Path, required=True)
+    v = sub.add_parser("dvh", help="print DVH metrics of a DICOM patient folder")
+    v.add_argument("dicom_dir", type=Path)
+    v.add_argument("--dose", help="dose name (default: the first RTDOSE)")
+    v.add_argument("--json", action="store_true")
+    c = sub.add_parser("validate", help="check DICOM files with dciodvfy (dicom3tools)")
+    c.add_argument("folder", type=Path)
+    m = sub.add_parser("make-sample", help="(developers) rebuild the bundled sample from ../shared/data")
+    m.add_argument("--out", type=Path, default=None)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``twinrt`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from twinrt.sample import sample_dicom_dir
+
+            return _cmd_run(sample_dicom_dir(), args.out, args.no_scene)
+        if args.command == "run":
+            return _cmd_run(args.dicom_dir, args.out, args.no_scene)
+        if args.command == "export":
+            return _cmd_export(args)
+        if args.command == "dvh":
+            return _cmd_dvh(args)
+        if args.command == "validate":
+            return _cmd_validate(args)
+        if args.command == "make-sample":
+            return _cmd_make_sample(args)
+    except TwinRTError as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return 2
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
