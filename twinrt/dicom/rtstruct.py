@@ -37,8 +37,9 @@ from twinrt.model import Image, Structure, StructureType, default_color
 
 logger = logging.getLogger(__name__)
 
-#: SOP class that RTReferencedStudySequence conventionally names (Study Component Management).
-_STUDY_COMPONENT_SOP_CLASS = "1.2.840.10008.3.1.2.3.2"
+#: SOP class that RTReferencedStudySequence conventionally names: the retired Detached Study
+#: Management class, which clinical systems (and rt-utils, plastimatch) write; dciodvfy accepts it.
+_STUDY_COMPONENT_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"
 
 _TARGET_TYPES = {"PTV", "CTV", "GTV", "ITV", "TREATED_VOLUME", "IRRAD_VOLUME"}
 _ORGAN_TYPES = {"ORGAN", "OAR", "AVOIDANCE"}
@@ -118,6 +119,8 @@ def write_rtstruct(structures: Sequence[Structure], ct_ref: CtReference, ctx: Di
     traced = [structure_to_contours(s) for s in structures]
 
     series_instance_uid = series_instance_uid or new_uid()
+    # Include the Frame of Reference module: current dicom3tools' dciodvfy requires it in the RT
+    # Structure Set IOD (FrameOfReferenceUID Type 1), in addition to ReferencedFrameOfReferenceSequence.
     ds = base_dataset(RT_STRUCTURE_SET_STORAGE, "RTSTRUCT", ctx, series_instance_uid, series_number=2,
                       series_description=f"{label} structures")
     now = _dt.datetime.now()
