@@ -97,8 +97,8 @@ def base_dataset(sop_class_uid: str, modality: str, ctx: DicomContext, series_in
 
     :param sop_class_uid: storage SOP class (one of the ``*_STORAGE`` constants).
     :param modality: ``CT``, ``RTSTRUCT``, ``RTDOSE`` or ``RTPLAN``.
-    :param frame_of_reference: include the Frame of Reference module (all TwinRT objects do, except
-        RTSTRUCT which carries its frame of reference in ReferencedFrameOfReferenceSequence).
+    :param frame_of_reference: include the Frame of Reference module. Every TwinRT object does:
+        dciodvfy requires it for RTSTRUCT too, beside ReferencedFrameOfReferenceSequence.
     """
     sop_instance_uid = sop_instance_uid or new_uid()
     meta = FileMetaDataset()
