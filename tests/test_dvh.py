@@ -214,3 +214,24 @@ def test_openkbp_patient_is_fast():
     elapsed = time.perf_counter() - start
     assert len(rows) == len([s for s in case.structures if not s.is_empty])
     assert elapsed < 1.0, f"dvh_metrics took {elapsed:.2f} s for {len(rows)} structures"
+
+
+def test_dose_grid_sampling_uses_dose_points_inside_contours():
+    # CT: 1 mm voxels; an 8 x 8 x 2 voxel box (contour edges at i, j = 3.5 and 11.5 mm).
+    ct_grid = Grid((4, 20, 20), (1.0, 1.0, 1.0))
+    mask = np.zeros(ct_grid.shape, bool)
+    mask[1:3, 4:12, 4:12] = True
+    box = Structure("Box", mask, ct_grid)
+    # Dose: 2 mm in-plane points at 0.25 + 2m mm, dose = x (Gy); points 4.25 .. 10.25 fall inside.
+    dose_grid = Grid((4, 10, 10), (2.0, 2.0, 1.0), (0.25, 0.25, 0.0))
+    dose = Dose(np.broadcast_to(dose_grid.axis_positions("i"), dose_grid.shape).astype(np.float32), dose_grid)
+    on_dose = structure_dvh(dose, box, sampling="dose")
+    assert on_dose.n_voxels == 4 * 4 * 2 and on_dose.voxel_volume_cc == pytest.approx(0.004)
+    assert on_dose.total_volume_cc == pytest.approx(box.volume_cc)
+    assert on_dose.mean_gy == pytest.approx(7.25) and on_dose.max_gy == pytest.approx(10.25)
+    on_ct = structure_dvh(dose, box)  # default: dose interpolated at the CT voxel centres 4 .. 11
+    assert on_ct.n_voxels == 128 and on_ct.mean_gy == pytest.approx(7.5, abs=1e-5)
+    rotated = Grid(dose_grid.shape, dose_grid.spacing_mm, dose_grid.origin_mm,
+                   np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, -1.0]]))
+    with pytest.raises(GeometryError, match="parallel"):
+        structure_dvh(Dose(dose.array, rotated), box, sampling="dose")

@@ -32,6 +32,10 @@ handles a dose and a structure on different grids by resampling the dose (trilin
 structure's grid: the structure keeps the voxels it was delineated on (its volume does not change
 with the dose grid), and the dose, being smooth, loses little by interpolation, whereas
 resampling a mask onto a coarse dose grid changes small organs' volumes by tens of percent.
+``structure_dvh(..., sampling="dose")`` instead samples the dose grid points inside the contours,
+as dicompyler-core does, for like-for-like comparisons (tests/test_dvh_dicompyler.py): on a 3 mm
+dose grid a 7 cc organ in a steep gradient then differs from the default by ~20 % in volume and
+up to ~40 % in max dose, purely from where the dose is sampled.
 """
 
 from __future__ import annotations
@@ -363,14 +367,45 @@ def _mask_bbox(mask: np.ndarray) -> Optional[tuple[int, int, int, int, int, int]
     return tuple(bounds)  # type: ignore[return-value]
 
 
+def dose_plane_grid(dose_grid: Grid, structure_grid: Grid) -> Grid:
+    """The grid of dose-grid points in the structure's slice planes (for ``sampling="dose"``).
+
+    In-plane (i, j) nodes are the dose grid's, slices (k) the structure's. This is where
+    dicompyler-core and most planning systems evaluate a DVH: at the dose grid points that fall
+    inside each contour, in each contour's plane, with the dose interpolated between dose planes.
+
+    :param dose_grid: the dose grid; its direction must equal the structure grid's.
+    :param structure_grid: the structure (CT) grid.
+    :raises GeometryError: when the grids are not parallel.
+    """
+    if not np.allclose(dose_grid.direction, structure_grid.direction, atol=1e-6):
+        raise GeometryError("Sampling the DVH on the dose grid needs a dose grid parallel to the structure "
+                            "grid; use sampling='structure' for rotated dose grids")
+    # Dose origin expressed along the structure's i and j axes; k stays on the structure's slices.
+    offset = np.asarray(dose_grid.origin_mm) - np.asarray(structure_grid.origin_mm)
+    along = structure_grid.direction.T @ offset
+    along[2] = 0.0
+    origin = np.asarray(structure_grid.origin_mm) + structure_grid.direction @ along
+    shape = (structure_grid.shape[0], dose_grid.shape[1], dose_grid.shape[2])
+    spacing = (dose_grid.spacing_mm[0], dose_grid.spacing_mm[1], structure_grid.spacing_mm[2])
+    return Grid(shape, spacing, tuple(origin), structure_grid.direction)
+
+
 def structure_dvh(dose: Dose, structure: Structure, bin_width_gy: float = 0.01,
                   max_dose_gy: Optional[float] = None, progress: Optional[ProgressCallback] = None,
-                  cancel: Optional[CancelToken] = None) -> DVH:
+                  cancel: Optional[CancelToken] = None, sampling: str = "structure") -> DVH:
     """DVH of a structure in a dose that may live on another grid.
 
-    When the grids differ the dose is resampled (trilinear, zero outside the dose grid) onto the
-    structure's grid, cropped to the structure's bounding box so that a fine CT grid costs only
-    the structure's voxels. See the module docstring for why the dose moves and not the mask.
+    ``sampling="structure"`` (default): when the grids differ the dose is resampled (trilinear,
+    zero outside the dose grid) onto the structure's grid, cropped to the structure's bounding box
+    so that a fine CT grid costs only the structure's voxels. See the module docstring for why the
+    dose moves and not the mask.
+
+    ``sampling="dose"``: the structure's contours (traced from its mask, as an RTSTRUCT stores
+    them) are rasterised at the dose grid's in-plane points in each structure slice
+    (:func:`dose_plane_grid`), and the dose is interpolated linearly between dose planes. This is
+    how dicompyler-core computes a DVH without its optional interpolation; use it to compare with
+    such tools like for like. On a coarse dose grid it samples small structures with few points.
 
     :param dose: the dose (Gy) on its grid.
     :param structure: the structure (mask on its own grid, usually the CT's).
@@ -378,23 +413,34 @@ def structure_dvh(dose: Dose, structure: Structure, bin_width_gy: float = 0.01,
     :param max_dose_gy: extend the bins to at least this dose (Gy).
     :param progress: optional ``progress(fraction, text)`` callback.
     :param cancel: optional cancel token.
+    :param sampling: ``"structure"`` or ``"dose"`` (see above).
     :return: the structure's :class:`DVH`.
     """
+    if sampling not in ("structure", "dose"):
+        raise InvalidInputError(f"sampling must be 'structure' or 'dose', got {sampling!r}")
     report(progress, 0.0, f"DVH {structure.name}", cancel)
-    mask = structure.mask
-    bbox = _mask_bbox(mask)
+    bbox = _mask_bbox(structure.mask)
     if bbox is None:
         raise StructureError(f"Structure '{structure.name}' is empty; check its contours or remove it "
                              "from the DVH", structure.name)
+    k0, k1, j0, j1, i0, i1 = bbox
     if dose.grid.is_same(structure.grid):
-        dose_arr = dose.array
+        dose_arr, mask, grid = dose.array, structure.mask, structure.grid
+    elif sampling == "structure":
+        grid = structure.grid.subgrid(k0, k1, j0, j1, i0, i1)
+        dose_arr = np.clip(resample_array(dose.array, dose.grid, grid, order=1), 0.0, None)
+        mask = structure.mask[k0:k1, j0:j1, i0:i1]
     else:
-        k0, k1, j0, j1, i0, i1 = bbox
-        sub = structure.grid.subgrid(k0, k1, j0, j1, i0, i1)
-        dose_arr = np.clip(resample_array(dose.array, dose.grid, sub, order=1), 0.0, None)
-        mask = mask[k0:k1, j0:j1, i0:i1]
+        from twinrt.contours import contours_to_structure_mask, structure_to_contours
+
+        full = dose_plane_grid(dose.grid, structure.grid)
+        grid = full.subgrid(k0, k1, 0, full.shape[1], 0, full.shape[2])
+        polygons = [poly for _, poly in structure_to_contours(structure)]
+        report(progress, 0.3, f"DVH {structure.name}", cancel)
+        mask = contours_to_structure_mask(polygons, grid, structure.name)
+        dose_arr = np.clip(resample_array(dose.array, dose.grid, grid, order=1), 0.0, None)
     report(progress, 0.5, f"DVH {structure.name}", cancel)
-    dvh = cumulative_dvh(dose_arr, mask, structure.grid.voxel_volume_cc, bin_width_gy, max_dose_gy,
+    dvh = cumulative_dvh(dose_arr, mask, grid.voxel_volume_cc, bin_width_gy, max_dose_gy,
                          None, cancel, structure.name)
     report(progress, 1.0, f"DVH {structure.name} done", cancel)
     return dvh
