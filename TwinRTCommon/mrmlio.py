@@ -1,0 +1,803 @@
+"""The MRML contract of TwinRT: a :class:`twinrt.model.Case` <-> nodes of a Slicer scene.
+
+This is the one place where all five modules (AutoContour, DosePredict, AIPlanner, DigitalTwin,
+ToxicityMonitor) put a case into a scene and read it back, so that what one module writes the
+others, and SlicerRT, can read. It imports ``slicer`` and therefore lives beside the modules, not in
+the pure-Python core ``twinrt``.
+
+What :func:`caseToScene` writes (attribute names are copied from SlicerRT, see the constants):
+
+* one subject-hierarchy **patient** item (``DICOM.PatientID``, ``DICOM.PatientName``) holding one
+  **study** item; every node below goes under that study;
+* the **CT** as a ``vtkMRMLScalarVolumeNode`` (voxels in HU, IJK->RAS from :meth:`Grid.ijk_to_ras`);
+* the **structures** as one ``vtkMRMLSegmentationNode`` whose reference geometry is the CT
+  (``SetReferenceImageGeometryParameterFromVolumeNode`` plus the node reference Slicer keeps for it),
+  one segment per structure with its name, colour and a ``TwinRT.StructureType`` segment tag;
+* each **dose** as a ``vtkMRMLScalarVolumeNode`` in Gy tagged ``DicomRtImport.DoseVolume = "1"``,
+  shown with the ``Dose_ColorTable`` colour table; the study carries ``DicomRtImport.DoseUnitName =
+  "Gy"`` and ``DicomRtImport.DoseUnitValue``, which is where SlicerRT's DVH, Isodose and RTDOSE
+  export look for the unit;
+* the **DVH** of one dose: a metrics ``vtkMRMLTableNode`` (one row per structure, unit labels on
+  the columns), one SlicerRT-style DVH table per structure (``DoseVolumeHistogram.DVH = "1"``,
+  columns ``Dose`` in Gy and ``Volume`` in %) and a ``vtkMRMLPlotChartNode`` with one
+  ``vtkMRMLPlotSeriesNode`` per structure;
+* ``TwinRT.ResearchUseOnly`` and provenance attributes (``TwinRT.Version``, ``TwinRT.CreatedBy``,
+  ``TwinRT.Role``...) on every node it creates.
+
+Everything is written in one transaction: when anything fails (a dose with NaN voxels, a structure
+on another grid...) every node and subject-hierarchy item created so far is removed and the typed
+:mod:`twinrt.errors` exception propagates, so the scene is left as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+import twinrt
+from twinrt.errors import (DoseError, GeometryError, InvalidInputError, MissingInputError,
+                           StructureError, TwinRTError)
+from twinrt.geometry import Grid
+from twinrt.model import (Case, Dose, Image, Plan, Prescription, Structure, StructureType,
+                          validate_dose_array)
+from twinrt.progress import ProgressCallback, report
+
+# --------------------------------------------------------------------------------------------------
+# Attribute names. Copied verbatim from SlicerRT so that SlicerRT's modules recognise our nodes:
+# SlicerRt/SlicerRT: SlicerRtCommon/vtkSlicerRtCommon.cxx
+#: Marks a scalar volume as dose (vtkSlicerRtCommon::DICOMRTIMPORT_DOSE_VOLUME_IDENTIFIER_ATTRIBUTE_NAME).
+DOSE_VOLUME_ATTRIBUTE = "DicomRtImport.DoseVolume"
+#: Dose unit name, set on the *study* item (DICOMRTIMPORT_DOSE_UNIT_NAME_ATTRIBUTE_NAME).
+DOSE_UNIT_NAME_ATTRIBUTE = "DicomRtImport.DoseUnitName"
+#: Dose unit value (DICOMRTIMPORT_DOSE_UNIT_VALUE_ATTRIBUTE_NAME); SlicerRT's RTDOSE import stores
+#: the grid scaling here and Isodose thresholds display at half of it. Our voxels already hold Gy,
+#: so the scaling is 1.
+DOSE_UNIT_VALUE_ATTRIBUTE = "DicomRtImport.DoseUnitValue"
+#: Name of the dose colour table SlicerRT creates and reuses (vtkSlicerRtCommon::DEFAULT_DOSE_COLOR_TABLE_NAME).
+DOSE_COLOR_TABLE_NAME = "Dose_ColorTable"
+# SlicerRt/SlicerRT: DoseVolumeHistogram/Logic/vtkSlicerDoseVolumeHistogramModuleLogic.cxx and
+# vtkMRMLDoseVolumeHistogramNode.cxx (DVH_ATTRIBUTE_PREFIX = "DoseVolumeHistogram.").
+#: Identifies a per-structure DVH table (DVH_DVH_IDENTIFIER_ATTRIBUTE_NAME).
+DVH_IDENTIFIER_ATTRIBUTE = "DoseVolumeHistogram.DVH"
+#: Segment ID of the structure a DVH table belongs to (DVH_SEGMENT_ID_ATTRIBUTE_NAME).
+DVH_SEGMENT_ID_ATTRIBUTE = "DoseVolumeHistogram.SegmentID"
+#: Row of the structure in the metrics table (DVH_TABLE_ROW_ATTRIBUTE_NAME).
+DVH_TABLE_ROW_ATTRIBUTE = "DoseVolumeHistogram.TableRow"
+#: Structure volume in cc (DVH_ATTRIBUTE_PREFIX + DVH_METRIC_TOTAL_VOLUME_CC).
+DVH_TOTAL_VOLUME_ATTRIBUTE = "DoseVolumeHistogram.Volume (cc)"
+#: Node reference roles of vtkMRMLDoseVolumeHistogramNode.
+DVH_DOSE_VOLUME_REFERENCE_ROLE = "doseVolumeRef"
+DVH_SEGMENTATION_REFERENCE_ROLE = "segmentationRef"
+DVH_METRICS_TABLE_REFERENCE_ROLE = "dvhMetricsTableRef"
+#: DVH table column names, as SlicerRT's ComputeDvh writes them.
+DVH_DOSE_COLUMN = "Dose"
+DVH_VOLUME_COLUMN = "Volume"
+
+# TwinRT's own attributes, prefixed like SlicerRT prefixes its own (STYLE.md section 2).
+RESEARCH_USE_ATTRIBUTE = "TwinRT.ResearchUseOnly"
+VERSION_ATTRIBUTE = "TwinRT.Version"
+CREATED_BY_ATTRIBUTE = "TwinRT.CreatedBy"
+SOURCE_ATTRIBUTE = "TwinRT.Source"
+ROLE_ATTRIBUTE = "TwinRT.Role"
+PATIENT_ID_ATTRIBUTE = "TwinRT.PatientID"
+CASE_METADATA_ATTRIBUTE = "TwinRT.CaseMetadata"
+PLANS_ATTRIBUTE = "TwinRT.Plans"
+MODALITY_ATTRIBUTE = "TwinRT.Modality"
+DOSE_NAME_ATTRIBUTE = "TwinRT.DoseName"
+DOSE_TYPE_ATTRIBUTE = "TwinRT.DoseType"
+DOSE_SUMMATION_ATTRIBUTE = "TwinRT.DoseSummation"
+DOSE_SOURCE_ATTRIBUTE = "TwinRT.DoseSource"
+#: Segment tag holding the StructureType *name* (enum names are stored, so never rename members).
+STRUCTURE_TYPE_TAG = "TwinRT.StructureType"
+
+#: Values of :data:`ROLE_ATTRIBUTE`.
+ROLE_CT = "CT"
+ROLE_STRUCTURES = "Structures"
+ROLE_DOSE = "Dose"
+ROLE_DVH_METRICS = "DVHMetrics"
+ROLE_DVH_TABLE = "DVHTable"
+ROLE_DVH_CHART = "DVHChart"
+ROLE_DVH_SERIES = "DVHSeries"
+
+#: Bin width (Gy) of the DVH curves put in the scene; metrics do not depend on it (twinrt.dvh).
+DVH_CURVE_BIN_WIDTH_GY = 0.1
+
+_CREATED_BY = "TwinRTCommon.mrmlio.caseToScene"
+
+#: Dose colour ramp (low to high), stretched to 256 colours like SlicerRT stretches its isodose table.
+_DOSE_RAMP = [(0.0, 0.0, 0.5), (0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (0.0, 1.0, 0.0), (1.0, 1.0, 0.0),
+              (1.0, 0.5, 0.0), (1.0, 0.0, 0.0)]
+
+
+# --------------------------------------------------------------------------------------------------
+class _SceneTransaction:
+    """Remembers the scene's nodes and subject-hierarchy items so a failed write can be undone.
+
+    A snapshot of node IDs (rather than a list of what we added) also catches nodes that Slicer adds
+    on our behalf: display nodes, storage nodes, the colour table.
+    """
+
+    def __init__(self, scene):
+        self.scene = scene
+        self.nodeIds = set(nodeIds(scene))
+        self.itemIds = set(_allItems(scene.GetSubjectHierarchyNode()))
+
+    def rollback(self) -> None:
+        """Remove every node and subject-hierarchy item created since the snapshot."""
+        added = [nid for nid in nodeIds(self.scene) if nid not in self.nodeIds]
+        # Reverse creation order: data nodes go before the display/storage nodes they reference.
+        for nid in reversed(added):
+            node = self.scene.GetNodeByID(nid)
+            if node is not None:
+                self.scene.RemoveNode(node)
+        # Removing a data node removes its item; what is left are the patient and study folders.
+        sh = self.scene.GetSubjectHierarchyNode()
+        for item in _allItems(sh):
+            if item not in self.itemIds and item in _allItems(sh):
+                sh.RemoveItem(item, False, True)
+
+
+def _allItems(sh) -> list[int]:
+    """Every subject-hierarchy item below the scene item, parents before children."""
+    ids = vtk.vtkIdList()
+    sh.GetItemChildren(sh.GetSceneItemID(), ids, True)
+    return [ids.GetId(i) for i in range(ids.GetNumberOfIds())]
+
+
+def nodeIds(scene) -> list[str]:
+    """IDs of all nodes of ``scene`` in scene order (used to check that a failed call changed nothing)."""
+    return [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
+
+
+def _tagNode(node, role: str, source: str = "") -> None:
+    """Research-use and provenance attributes that every node TwinRT creates carries."""
+    node.SetAttribute(RESEARCH_USE_ATTRIBUTE, twinrt.RESEARCH_USE_ONLY)
+    node.SetAttribute(VERSION_ATTRIBUTE, twinrt.__version__)
+    node.SetAttribute(CREATED_BY_ATTRIBUTE, _CREATED_BY)
+    node.SetAttribute(ROLE_ATTRIBUTE, role)
+    if source:
+        node.SetAttribute(SOURCE_ATTRIBUTE, source)
+
+
+def _safeArrayForVtk(array: np.ndarray) -> np.ndarray:
+    """A copy VTK can hold: Slicer rejects 64-bit integers and has no boolean voxel type."""
+    array = np.ascontiguousarray(array)
+    if array.dtype == bool:
+        return array.astype(np.uint8)
+    if array.dtype in (np.int64, np.uint64):
+        if array.size and (array.min() < np.iinfo(np.int32).min or array.max() > np.iinfo(np.int32).max):
+            raise InvalidInputError("Image values do not fit in 32-bit integers; convert the image to float")
+        return array.astype(np.int32)
+    return array
+
+
+def _addVolume(scene, name: str, array: np.ndarray, grid: Grid):
+    """Add a scalar volume holding ``array`` (k, j, i) on ``grid``; returns the node."""
+    grid.check_array(array, f"volume '{name}'")
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(grid.ijk_to_ras()))
+    slicer.util.updateVolumeFromArray(node, _safeArrayForVtk(array))
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def volumeGrid(volumeNode) -> Grid:
+    """The :class:`Grid` of a volume node (IJK->RAS matrix and voxel dimensions)."""
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    image = volumeNode.GetImageData()
+    if image is None:
+        raise MissingInputError(f"Volume '{volumeNode.GetName()}' has no voxels; load it again")
+    dims = image.GetDimensions()
+    return Grid.from_ijk_to_ras(slicer.util.arrayFromVTKMatrix(matrix), (dims[2], dims[1], dims[0]))
+
+
+def _jsonable(value: Any) -> tuple[bool, Any]:
+    """``(True, json-ready value)`` for metadata TwinRT can store as text, else ``(False, None)``."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, Prescription) or (dataclasses.is_dataclass(value) and not isinstance(value, type)):
+        value = dataclasses.asdict(value)
+    if isinstance(value, (list, tuple)):
+        items = [_jsonable(v) for v in value]
+        if all(ok for ok, _ in items):
+            return True, [v for _, v in items]
+        return False, None
+    try:
+        json.dumps(value, allow_nan=False)
+        return True, value
+    except (TypeError, ValueError):
+        return False, None
+
+
+def _encodeMetadata(metadata: dict) -> tuple[str, list[str]]:
+    """JSON text of the storable metadata and the keys left out (arrays, objects)."""
+    stored, skipped = {}, []
+    for key, value in metadata.items():
+        ok, converted = _jsonable(value)
+        if ok:
+            stored[str(key)] = converted
+        else:
+            skipped.append(str(key))
+    return json.dumps(stored, sort_keys=True), skipped
+
+
+def _decodeMetadata(text: str) -> dict:
+    """Inverse of :func:`_encodeMetadata`; prescriptions come back as :class:`Prescription`."""
+    if not text:
+        return {}
+    try:
+        metadata = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(f"Attribute {CASE_METADATA_ATTRIBUTE} is not valid JSON ({exc}); "
+                                "the scene was edited by hand or is damaged") from exc
+    if isinstance(metadata.get("prescriptions"), list):
+        metadata["prescriptions"] = [Prescription(**p) for p in metadata["prescriptions"]]
+    return metadata
+
+
+def _createDoseColorTable(scene):
+    """The ``Dose_ColorTable`` node: reused if the scene has one (as SlicerRT's Isodose logic does)."""
+    existing = scene.GetNodesByName(DOSE_COLOR_TABLE_NAME)
+    if existing.GetNumberOfItems() > 0:
+        return existing.GetItemAsObject(0)
+    table = scene.AddNewNodeByClass("vtkMRMLColorTableNode", DOSE_COLOR_TABLE_NAME)
+    table.SetTypeToUser()
+    table.SetNumberOfColors(256)
+    ramp = np.array(_DOSE_RAMP)
+    positions = np.linspace(0.0, 1.0, len(ramp))
+    for index in range(256):
+        t = index / 255.0
+        rgb = [float(np.interp(t, positions, ramp[:, c])) for c in range(3)]
+        table.SetColor(index, f"{index}", rgb[0], rgb[1], rgb[2], 1.0)
+    table.SetAttribute("Category", "TwinRT")
+    return table
+
+
+# --------------------------------------------------------------------------------------------------
+def _defaultDoseName(case: Case, doseName: Optional[str]) -> Optional[str]:
+    if doseName is not None:
+        if doseName not in case.doses:
+            raise InvalidInputError(f"Case {case.patient_id} has no dose '{doseName}'; available: "
+                                    f"{', '.join(case.doses) or 'none'}")
+        return doseName
+    if "reference" in case.doses:
+        return "reference"
+    return next(iter(case.doses), None)
+
+
+def caseToScene(case: Case, scene=None, doseName: Optional[str] = None, computeDvh: bool = True,
+                progress: Optional[ProgressCallback] = None) -> dict[str, Any]:
+    """Put a case into a scene following the TwinRT MRML contract (see the module docstring).
+
+    :param case: the patient (CT, structures, doses, metadata).
+    :param scene: the MRML scene; default ``slicer.mrmlScene``.
+    :param doseName: dose whose DVH is computed; default ``"reference"`` if present, else the first.
+    :param computeDvh: add the DVH metrics table, DVH tables and chart (needs a dose and structures).
+    :param progress: optional ``progress(fraction, text)`` callback.
+    :return: the created items: ``patientItem``, ``studyItem`` (subject-hierarchy IDs), ``ct``,
+        ``segmentation`` (or ``None``), ``segmentIds`` (structure name -> segment ID), ``doses``
+        (dose name -> node), ``doseColorTable`` and, when a DVH was computed, ``dvhMetricsTable``,
+        ``dvhTables`` and ``dvhPlotSeries`` (structure name -> node), ``dvhChart``.
+    :raises InvalidInputError: (and its subclasses ``DoseError``, ``StructureError``,
+        ``GeometryError``) for unusable input; the scene is then left as it was.
+    """
+    if not isinstance(case, Case):
+        raise InvalidInputError(f"caseToScene needs a twinrt.model.Case, got {type(case).__name__}")
+    scene = scene if scene is not None else slicer.mrmlScene
+    if scene is None:
+        raise InvalidInputError("No MRML scene: pass scene= or run inside Slicer")
+    doseName = _defaultDoseName(case, doseName)
+    transaction = _SceneTransaction(scene)
+    try:
+        return _caseToScene(case, scene, doseName, computeDvh, progress)
+    except Exception:
+        transaction.rollback()
+        raise
+
+
+def _caseToScene(case: Case, scene, doseName, computeDvh, progress) -> dict[str, Any]:
+    sh = scene.GetSubjectHierarchyNode()
+    constants = slicer.vtkMRMLSubjectHierarchyConstants
+    source = str(case.metadata.get("source", ""))
+    result: dict[str, Any] = {"doses": {}, "segmentIds": {}, "segmentation": None}
+
+    report(progress, 0.0, "Creating patient and study")
+    patientName = str(case.metadata.get("patient_name") or case.patient_id)
+    patientItem = sh.CreateSubjectItem(sh.GetSceneItemID(), patientName)
+    sh.SetItemAttribute(patientItem, constants.GetDICOMPatientIDAttributeName(), case.patient_id)
+    sh.SetItemAttribute(patientItem, constants.GetDICOMPatientNameAttributeName(), patientName)
+    sh.SetItemUID(patientItem, constants.GetDICOMUIDName(), case.patient_id)
+    studyItem = sh.CreateStudyItem(patientItem, str(case.metadata.get("study_description") or "TwinRT study"))
+    studyUid = case.metadata.get("study_instance_uid")
+    if studyUid:
+        sh.SetItemAttribute(studyItem, constants.GetDICOMStudyInstanceUIDAttributeName(), str(studyUid))
+        sh.SetItemUID(studyItem, constants.GetDICOMUIDName(), str(studyUid))
+    metadataText, skipped = _encodeMetadata(case.metadata)
+    sh.SetItemAttribute(studyItem, CASE_METADATA_ATTRIBUTE, metadataText)
+    sh.SetItemAttribute(studyItem, RESEARCH_USE_ATTRIBUTE, twinrt.RESEARCH_USE_ONLY)
+    sh.SetItemAttribute(studyItem, VERSION_ATTRIBUTE, twinrt.__version__)
+    if skipped:
+        # Arrays such as OpenKBP's possible-dose mask have no place in an attribute; say so.
+        logging.info("caseToScene: metadata not stored in the scene: %s", ", ".join(skipped))
+    plansOk, plans = _jsonable(case.plans)
+    if case.plans and plansOk:
+        sh.SetItemAttribute(studyItem, PLANS_ATTRIBUTE, json.dumps(plans))
+    result.update(patientItem=patientItem, studyItem=studyItem)
+
+    report(progress, 0.1, "Creating CT volume")
+    ct = _addVolume(scene, f"{case.patient_id} {case.ct.modality}", case.ct.array, case.ct.grid)
+    _tagNode(ct, ROLE_CT, source)
+    ct.SetAttribute(PATIENT_ID_ATTRIBUTE, case.patient_id)
+    ct.SetAttribute(MODALITY_ATTRIBUTE, case.ct.modality)
+    sh.CreateItem(studyItem, ct)
+    result["ct"] = ct
+
+    if case.structures:
+        report(progress, 0.25, "Creating segmentation")
+        segmentation, segmentIds = _addSegmentation(scene, case, ct, source)
+        sh.CreateItem(studyItem, segmentation)
+        result.update(segmentation=segmentation, segmentIds=segmentIds)
+
+    doseColorTable = None
+    for index, (name, dose) in enumerate(case.doses.items()):
+        report(progress, 0.4 + 0.2 * index / max(len(case.doses), 1), f"Creating dose '{name}'")
+        # Checked here, after the CT and segmentation exist, so that a bad dose exercises the
+        # rollback: Dose validates on construction, but its array can be changed afterwards.
+        validate_dose_array(np.asarray(dose.array), name)
+        grid = dose.grid
+        doseNode = _addVolume(scene, f"{case.patient_id} Dose {name}", np.asarray(dose.array, np.float32), grid)
+        _tagNode(doseNode, ROLE_DOSE, source)
+        doseNode.SetAttribute(DOSE_VOLUME_ATTRIBUTE, "1")
+        doseNode.SetAttribute(DOSE_NAME_ATTRIBUTE, name)
+        doseNode.SetAttribute(DOSE_TYPE_ATTRIBUTE, dose.dose_type)
+        doseNode.SetAttribute(DOSE_SUMMATION_ATTRIBUTE, dose.summation)
+        doseNode.SetAttribute(DOSE_SOURCE_ATTRIBUTE, dose.source)
+        if doseColorTable is None:
+            doseColorTable = _createDoseColorTable(scene)
+        display = doseNode.GetDisplayNode()
+        display.SetAndObserveColorNodeID(doseColorTable.GetID())
+        # Window to the dose range and hide the lowest 5 %, like qSlicerAbstractDoseEngine does.
+        maxGy = max(float(dose.max_gy), 1e-6)
+        display.AutoWindowLevelOff()
+        display.SetWindowLevelMinMax(0.0, maxGy * 1.1)
+        display.SetLowerThreshold(0.05 * maxGy)
+        display.ApplyThresholdOn()
+        sh.CreateItem(studyItem, doseNode)
+        result["doses"][name] = doseNode
+    result["doseColorTable"] = doseColorTable
+    if case.doses:
+        sh.SetItemAttribute(studyItem, DOSE_UNIT_NAME_ATTRIBUTE, "Gy")
+        sh.SetItemAttribute(studyItem, DOSE_UNIT_VALUE_ATTRIBUTE, "1.0")
+
+    if computeDvh and doseName is not None and result["segmentation"] is not None:
+        report(progress, 0.7, f"Computing DVH of '{doseName}'")
+        result.update(_addDvh(scene, case, doseName, result, source))
+    report(progress, 1.0, "Scene ready")
+    return result
+
+
+def _addSegmentation(scene, case: Case, ct, source: str):
+    """One segmentation node on the CT's geometry, one segment per structure."""
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    ctGrid = case.ct.grid
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{case.patient_id} Structures")
+    segmentation.CreateDefaultDisplayNodes()
+    # Sets both the reference geometry string and the node reference to the CT (the contract).
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(ct)
+    _tagNode(segmentation, ROLE_STRUCTURES, source)
+    segmentIds = {}
+    for structure in case.structures:
+        if not structure.grid.is_same(ctGrid):
+            raise GeometryError(f"Structure '{structure.name}' is on a grid other than the CT's; "
+                                "resample it to the CT grid (Structure.on_grid) before adding it")
+        image = logic.CreateOrientedImageDataFromVolumeNode(ct)
+        image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+        voxels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+        voxels[:] = np.ascontiguousarray(structure.mask, dtype=np.uint8).reshape(-1)
+        color = [c / 255.0 for c in structure.color]
+        segmentId = segmentation.AddSegmentFromBinaryLabelmapRepresentation(image, structure.name, color)
+        if not segmentId:
+            raise StructureError(f"Slicer refused structure '{structure.name}'", structure.name)
+        segmentation.GetSegmentation().GetSegment(segmentId).SetTag(STRUCTURE_TYPE_TAG, structure.type.name)
+        segmentIds[structure.name] = segmentId
+    return segmentation, segmentIds
+
+
+_UNIT_SUFFIXES = (("_gy", "Gy"), ("_cc", "cc"), ("_percent", "%"))
+
+
+def metricUnit(key: str) -> str:
+    """Unit label of a :func:`twinrt.dvh.dvh_metrics` key (its suffix): Gy, cc, % or ''."""
+    for suffix, unit in _UNIT_SUFFIXES:
+        if key.endswith(suffix):
+            return unit
+    return ""
+
+
+def _addDvh(scene, case: Case, doseName: str, created: dict, source: str) -> dict[str, Any]:
+    """Metrics table, per-structure DVH tables and the DVH chart for one dose."""
+    from twinrt import dvh  # imported here: only needed when a DVH is requested
+
+    sh = scene.GetSubjectHierarchyNode()
+    studyItem = created["studyItem"]
+    doseNode = created["doses"][doseName]
+    segmentation = created["segmentation"]
+    rows = dvh.dvh_metrics(case, doseName)
+
+    metrics = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{case.patient_id} DVH metrics ({doseName})")
+    _tagNode(metrics, ROLE_DVH_METRICS, source)
+    metrics.SetAttribute(DOSE_NAME_ATTRIBUTE, doseName)
+    metrics.SetNodeReferenceID(DVH_DOSE_VOLUME_REFERENCE_ROLE, doseNode.GetID())
+    metrics.SetNodeReferenceID(DVH_SEGMENTATION_REFERENCE_ROLE, segmentation.GetID())
+    fillTable(metrics, rows)
+    sh.CreateItem(studyItem, metrics)
+
+    chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{case.patient_id} DVH ({doseName})")
+    _tagNode(chart, ROLE_DVH_CHART, source)
+    chart.SetTitle(f"Dose volume histogram: {doseName}")
+    chart.SetXAxisTitle("Dose (Gy)")
+    chart.SetYAxisTitle("Fractional volume (%)")
+    sh.CreateItem(studyItem, chart)
+
+    dose = case.doses[doseName]
+    rowOf = {row["structure"]: index for index, row in enumerate(rows)}
+    tables, series = {}, {}
+    for structure in case.structures:
+        if structure.name not in rowOf:
+            continue  # empty structures have no DVH (twinrt.dvh skips them too)
+        curve = dvh.structure_dvh(dose, structure, bin_width_gy=DVH_CURVE_BIN_WIDTH_GY)
+        table = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{structure.name}_DvhTable")
+        _tagNode(table, ROLE_DVH_TABLE, source)
+        table.SetAttribute(DVH_IDENTIFIER_ATTRIBUTE, "1")
+        table.SetAttribute(DVH_SEGMENT_ID_ATTRIBUTE, created["segmentIds"][structure.name])
+        table.SetAttribute(DVH_TABLE_ROW_ATTRIBUTE, str(rowOf[structure.name]))
+        table.SetAttribute(DVH_TOTAL_VOLUME_ATTRIBUTE, repr(float(curve.total_volume_cc)))
+        table.SetAttribute(DOSE_NAME_ATTRIBUTE, doseName)
+        table.SetNodeReferenceID(DVH_DOSE_VOLUME_REFERENCE_ROLE, doseNode.GetID())
+        table.SetNodeReferenceID(DVH_SEGMENTATION_REFERENCE_ROLE, segmentation.GetID())
+        table.SetNodeReferenceID(DVH_METRICS_TABLE_REFERENCE_ROLE, metrics.GetID())
+        _fillCurveTable(table, np.asarray(curve.bin_edges_gy), np.asarray(curve.cumulative_percent))
+        sh.CreateItem(studyItem, table)
+
+        plot = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"{structure.name} ({doseName})")
+        _tagNode(plot, ROLE_DVH_SERIES, source)
+        plot.SetAndObserveTableNodeID(table.GetID())
+        plot.SetXColumnName(DVH_DOSE_COLUMN)
+        plot.SetYColumnName(DVH_VOLUME_COLUMN)
+        plot.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
+        plot.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone)
+        plot.SetColor(*[c / 255.0 for c in structure.color])
+        chart.AddAndObservePlotSeriesNodeID(plot.GetID())
+        sh.CreateItem(studyItem, plot)
+        tables[structure.name], series[structure.name] = table, plot
+    return {"dvhMetricsTable": metrics, "dvhChart": chart, "dvhTables": tables, "dvhPlotSeries": series}
+
+
+def _fillCurveTable(table, doseGy: np.ndarray, volumePercent: np.ndarray) -> None:
+    for name, values, unit in ((DVH_DOSE_COLUMN, doseGy, "Gy"), (DVH_VOLUME_COLUMN, volumePercent, "%")):
+        column = numpy_support.numpy_to_vtk(np.asarray(values, dtype=np.float64), deep=True)
+        column.SetName(name)
+        table.AddColumn(column)
+        table.SetColumnUnitLabel(name, unit)
+
+
+def fillTable(tableNode, rows: list[dict]) -> None:
+    """Write rows (dicts) into a table node: text columns for strings, double columns otherwise.
+
+    Columns follow the keys' first appearance; a missing numeric value is NaN (e.g. organ columns
+    of a target row). Units come from the key suffix (:func:`metricUnit`).
+
+    :param tableNode: an empty ``vtkMRMLTableNode``.
+    :param rows: one dict per row.
+    """
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    table = tableNode.GetTable()
+    for key in keys:
+        isText = any(isinstance(row.get(key), str) for row in rows)
+        column = vtk.vtkStringArray() if isText else vtk.vtkDoubleArray()
+        column.SetName(key)
+        column.SetNumberOfValues(len(rows))
+        for index, row in enumerate(rows):
+            value = row.get(key)
+            if isText:
+                column.SetValue(index, "" if value is None else str(value))
+            else:
+                column.SetValue(index, float("nan") if value is None else float(value))
+        table.AddColumn(column)
+        unit = metricUnit(key)
+        if unit:
+            tableNode.SetColumnUnitLabel(key, unit)
+    tableNode.Modified()
+
+
+def tableToRows(tableNode) -> list[dict]:
+    """Rows of a table node as dicts (NaN cells are left out): the inverse of :func:`fillTable`."""
+    table = tableNode.GetTable()
+    rows = []
+    for r in range(table.GetNumberOfRows()):
+        row = {}
+        for c in range(table.GetNumberOfColumns()):
+            column = table.GetColumn(c)
+            if isinstance(column, vtk.vtkStringArray):
+                row[column.GetName()] = column.GetValue(r)
+            else:
+                value = float(column.GetTuple1(r))
+                if not math.isnan(value):
+                    row[column.GetName()] = value
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+def _nodesByClass(scene, className: str) -> list:
+    collection = scene.GetNodesByClass(className)
+    return [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
+
+
+def isDoseVolumeNode(node) -> bool:
+    """SlicerRT's test (vtkSlicerRtCommon::IsDoseVolumeNode): a scalar volume with the dose attribute."""
+    return (node is not None and node.IsA("vtkMRMLScalarVolumeNode")
+            and node.GetAttribute(DOSE_VOLUME_ATTRIBUTE) is not None)
+
+
+def findCtVolume(scene):
+    """The CT of a scene: the volume tagged ``TwinRT.Role = CT``, else the only non-dose volume.
+
+    :raises MissingInputError: when the scene has no CT volume.
+    :raises InvalidInputError: when several volumes qualify (pass the CT explicitly).
+    """
+    volumes = [n for n in _nodesByClass(scene, "vtkMRMLScalarVolumeNode")
+               if not n.IsA("vtkMRMLLabelMapVolumeNode") and not isDoseVolumeNode(n)]
+    tagged = [n for n in volumes if n.GetAttribute(ROLE_ATTRIBUTE) == ROLE_CT]
+    candidates = tagged or volumes
+    if not candidates:
+        raise MissingInputError("The scene has no CT volume; load a CT (or a TwinRT scene) first")
+    if len(candidates) > 1:
+        names = ", ".join(n.GetName() for n in candidates)
+        raise InvalidInputError(f"The scene has several CT candidates ({names}); select the CT volume")
+    return candidates[0]
+
+
+def _checkNoTransform(node) -> None:
+    if node.GetParentTransformNode() is not None:
+        raise GeometryError(f"'{node.GetName()}' is under a transform; harden the transform "
+                            "(Data module, right-click > Harden transform) before using it")
+
+
+def _segmentationReferencesVolume(segmentation, volume) -> bool:
+    role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
+    return segmentation.GetNodeReferenceID(role) == volume.GetID()
+
+
+def findSegmentation(scene, ctVolumeNode):
+    """The segmentation of the CT: the one referencing it (``TwinRT.Role = Structures`` first).
+
+    :return: the node, or ``None`` when the scene has no segmentation at all.
+    :raises GeometryError: when segmentations exist but none references the CT.
+    """
+    segmentations = _nodesByClass(scene, "vtkMRMLSegmentationNode")
+    if not segmentations:
+        return None
+    referencing = [s for s in segmentations if _segmentationReferencesVolume(s, ctVolumeNode)]
+    if not referencing:
+        names = ", ".join(s.GetName() for s in segmentations)
+        raise GeometryError(f"No segmentation references the CT '{ctVolumeNode.GetName()}' ({names} do not); "
+                            "set the CT as the segmentation's reference geometry in Segment Editor")
+    tagged = [s for s in referencing if s.GetAttribute(ROLE_ATTRIBUTE) == ROLE_STRUCTURES]
+    return (tagged or referencing)[0]
+
+
+def segmentMask(segmentationNode, segmentId: str, ctVolumeNode) -> np.ndarray:
+    """A segment as a boolean (k, j, i) mask on the CT's voxel grid.
+
+    Uses the segment's binary labelmap resampled to the CT geometry, which also undoes the extent
+    cropping that .seg.nrrd files apply, and keeps only the segment's label value, so masks survive
+    a save and reload unchanged.
+    """
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    labelmap = slicer.vtkOrientedImageData()
+    if not logic.GetSegmentBinaryLabelmapRepresentation(segmentationNode, segmentId, labelmap, False):
+        raise StructureError(f"Segment '{segmentId}' of '{segmentationNode.GetName()}' has no binary "
+                             "labelmap; convert it in the Segmentations module", segmentId)
+    reference = logic.CreateOrientedImageDataFromVolumeNode(ctVolumeNode)
+    resampled = slicer.vtkOrientedImageData()
+    if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+            labelmap, reference, resampled):
+        raise GeometryError(f"Could not resample segment '{segmentId}' to the CT grid")
+    dims = resampled.GetDimensions()
+    voxels = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars())
+    # After a .seg.nrrd reload, segments that do not overlap share one layer and differ by label
+    # value, and the representation returned above is that whole shared layer.
+    labelValue = segmentationNode.GetSegmentation().GetSegment(segmentId).GetLabelValue()
+    return voxels.reshape(dims[::-1]) == labelValue
+
+
+def _studyItemOf(sh, node) -> int:
+    item = sh.GetItemByDataNode(node)
+    if not item:
+        return 0
+    return sh.GetItemAncestorAtLevel(item, slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMLevelStudy())
+
+
+def sceneToCase(scene=None, ctVolumeNode=None, segmentationNode=None) -> Case:
+    """Read a case back from a scene written by :func:`caseToScene` (or loaded by SlicerRT).
+
+    :param scene: the MRML scene; default ``slicer.mrmlScene``.
+    :param ctVolumeNode: the CT; found with :func:`findCtVolume` when omitted.
+    :param segmentationNode: the structures; found with :func:`findSegmentation` when omitted. It
+        must reference the CT (its reference image geometry).
+    :return: the :class:`Case`: CT, structures on the CT grid, every dose volume of the CT's study
+        (``DicomRtImport.DoseVolume``) in Gy, patient ID/name and metadata from subject hierarchy.
+    :raises MissingInputError: no CT; :raises GeometryError: segmentation not referencing the CT,
+        or nodes under a transform; :raises DoseError: dose with NaN/negative voxels or unknown unit.
+    """
+    scene = scene if scene is not None else slicer.mrmlScene
+    if scene is None:
+        raise InvalidInputError("No MRML scene: pass scene= or run inside Slicer")
+    ct = ctVolumeNode if ctVolumeNode is not None else findCtVolume(scene)
+    if not ct.IsA("vtkMRMLScalarVolumeNode") or isDoseVolumeNode(ct):
+        raise InvalidInputError(f"'{ct.GetName()}' is not a CT volume; select the planning CT")
+    _checkNoTransform(ct)
+    ctGrid = volumeGrid(ct)
+    ctArray = np.array(slicer.util.arrayFromVolume(ct), copy=True)
+    image = Image(ctArray, ctGrid, ct.GetAttribute(MODALITY_ATTRIBUTE) or "CT")
+
+    if segmentationNode is None:
+        segmentationNode = findSegmentation(scene, ct)
+    elif not _segmentationReferencesVolume(segmentationNode, ct):
+        raise GeometryError(f"Segmentation '{segmentationNode.GetName()}' does not reference the CT "
+                            f"'{ct.GetName()}'; set the CT as its reference geometry in Segment Editor")
+    structures = []
+    if segmentationNode is not None:
+        _checkNoTransform(segmentationNode)
+        segmentation = segmentationNode.GetSegmentation()
+        for index in range(segmentation.GetNumberOfSegments()):
+            segmentId = segmentation.GetNthSegmentID(index)
+            segment = segmentation.GetSegment(segmentId)
+            name = segment.GetName()
+            typeName = vtk.reference("")
+            if segment.GetTag(STRUCTURE_TYPE_TAG, typeName) and str(typeName) in StructureType.__members__:
+                stype = StructureType[str(typeName)]
+            else:
+                stype = StructureType.guess(name)
+            color = tuple(int(round(c * 255)) for c in segment.GetColor())
+            structures.append(Structure(name, segmentMask(segmentationNode, segmentId, ct), ctGrid, color, stype))
+
+    sh = scene.GetSubjectHierarchyNode()
+    studyItem = _studyItemOf(sh, ct)
+    unit = sh.GetItemAttribute(studyItem, DOSE_UNIT_NAME_ATTRIBUTE) if studyItem else ""
+    scale = _doseScale(unit)
+    doses = {}
+    for node in _nodesByClass(scene, "vtkMRMLScalarVolumeNode"):
+        if not isDoseVolumeNode(node) or (studyItem and _studyItemOf(sh, node) not in (studyItem, 0)):
+            continue
+        _checkNoTransform(node)
+        name = node.GetAttribute(DOSE_NAME_ATTRIBUTE) or node.GetName()
+        array = np.array(slicer.util.arrayFromVolume(node), dtype=np.float32) * np.float32(scale)
+        validate_dose_array(array, name)
+        doses[name] = Dose(array, volumeGrid(node), name, node.GetAttribute(DOSE_TYPE_ATTRIBUTE) or "PHYSICAL",
+                           node.GetAttribute(DOSE_SUMMATION_ATTRIBUTE) or "PLAN",
+                           node.GetAttribute(DOSE_SOURCE_ATTRIBUTE) or "")
+
+    metadata, patientId, plans = {}, "", []
+    if studyItem:
+        metadata = _decodeMetadata(sh.GetItemAttribute(studyItem, CASE_METADATA_ATTRIBUTE))
+        plansText = sh.GetItemAttribute(studyItem, PLANS_ATTRIBUTE)
+        if plansText:
+            plans = [_planFromDict(p) for p in json.loads(plansText)]
+        patientItem = sh.GetItemParent(studyItem)
+        if patientItem:
+            constants = slicer.vtkMRMLSubjectHierarchyConstants
+            patientId = sh.GetItemAttribute(patientItem, constants.GetDICOMPatientIDAttributeName())
+            patientName = sh.GetItemAttribute(patientItem, constants.GetDICOMPatientNameAttributeName())
+            if patientName:
+                metadata.setdefault("patient_name", patientName)
+            patientId = patientId or sh.GetItemName(patientItem)
+    patientId = patientId or ct.GetAttribute(PATIENT_ID_ATTRIBUTE) or "anonymous"
+    return Case(patientId, image, structures, doses, plans, metadata)
+
+
+def _doseScale(unit: str) -> float:
+    """Factor from the study's dose unit to Gy; an absent unit is taken as Gy (TwinRT's default)."""
+    normalized = (unit or "").strip().upper()
+    if normalized in ("", "GY"):
+        if not normalized:
+            logging.debug("sceneToCase: no %s on the study; assuming Gy", DOSE_UNIT_NAME_ATTRIBUTE)
+        return 1.0
+    if normalized == "CGY":
+        return 0.01
+    raise DoseError(f"Dose unit '{unit}' is not supported; TwinRT needs physical dose in Gy or cGy")
+
+
+def _planFromDict(data: dict) -> Plan:
+    prescriptions = [Prescription(**p) for p in data.get("prescriptions", [])]
+    return Plan(data.get("label", "TwinRT"), prescriptions, list(data.get("beams", [])),
+                data.get("approval", "UNAPPROVED"), data.get("radiation_type", "PHOTON"))
+
+
+# --------------------------------------------------------------------------------------------------
+def saveSceneMrb(scene, path: str | os.PathLike) -> Path:
+    """Save a scene as a Medical Reality Bundle (.mrb), atomically.
+
+    The bundle is written to a temporary file beside ``path`` and renamed onto it only when
+    complete, so a failure never leaves a truncated .mrb (or destroys an older one).
+
+    :param scene: the MRML scene.
+    :param path: the .mrb file to write.
+    :return: ``path``.
+    :raises InvalidInputError: when the extension is not .mrb or Slicer cannot write the bundle.
+    """
+    import shutil
+    import tempfile
+
+    path = Path(path)
+    if path.suffix.lower() != ".mrb":
+        raise InvalidInputError(f"Scene bundle must end in .mrb, got '{path.name}'")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The bundle's inner folder and .mrml file are named after the file, so the temporary copy
+    # keeps the final name and lives in a hidden folder beside it (same disk: os.replace is atomic).
+    tmpDir = Path(tempfile.mkdtemp(prefix=".twinrt-mrb-", dir=path.parent))
+    try:
+        tmpMrb = tmpDir / path.name
+        if not scene.WriteToMRB(str(tmpMrb)) or not tmpMrb.is_file():
+            raise InvalidInputError(f"Slicer could not write the scene bundle {path}; check the disk "
+                                    "space and that the folder is writable")
+        os.replace(tmpMrb, path)
+    finally:
+        shutil.rmtree(tmpDir, ignore_errors=True)
+    return path
+
+
+def loadSceneMrb(path: str | os.PathLike, scene=None):
+    """Load a .mrb bundle.
+
+    :param path: the .mrb file.
+    :param scene: scene to load into (its content is replaced); default: ``slicer.mrmlScene`` inside
+        Slicer, a new headless scene (:func:`TwinRTCommon.scene.makeScene`) outside it.
+    :return: the scene.
+    :raises MissingInputError: when the file does not exist; :raises InvalidInputError: when it
+        cannot be read as a scene bundle.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInputError(f"Scene bundle {path} does not exist", path)
+    if scene is None:
+        from TwinRTCommon import scene as sceneFactory
+
+        scene = slicer.mrmlScene if sceneFactory.isRealSlicer() else sceneFactory.makeScene()[0]
+    if not scene.ReadFromMRB(str(path), True):
+        raise InvalidInputError(f"{path} is not a readable Slicer scene bundle; re-save it from Slicer")
+    return scene
+
+
+def importCaseFolder(folder: str | os.PathLike, scene=None, **kwargs) -> tuple[Case, dict[str, Any]]:
+    """Import a DICOM patient folder (CT, RTSTRUCT, RTDOSE) and put it in the scene.
+
+    :param folder: folder with the patient's DICOM files.
+    :param scene: the MRML scene; default ``slicer.mrmlScene``.
+    :param kwargs: passed to :func:`caseToScene`.
+    :return: ``(case, created nodes)``.
+    """
+    from twinrt.dicom.folder import import_case
+
+    case = import_case(Path(folder))
+    return case, caseToScene(case, scene, **kwargs)
+
+
+__all__ = ["caseToScene", "sceneToCase", "saveSceneMrb", "loadSceneMrb", "importCaseFolder", "fillTable",
+           "tableToRows", "nodeIds", "volumeGrid", "segmentMask", "findCtVolume", "findSegmentation",
+           "isDoseVolumeNode", "metricUnit", "TwinRTError"]

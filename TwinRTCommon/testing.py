@@ -1,0 +1,49 @@
+"""Tiny synthetic patients for the modules' self-tests (``<Module>Test``) and the workflow test.
+
+Built in memory with analytic content, so a test needs no file, no download and no shared data,
+and runs the same under pytest (headless slicer-core) and under Slicer's own test runner.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from twinrt.geometry import Grid
+from twinrt.model import Case, Dose, Image, Prescription, Structure, StructureType
+
+
+def makeSyntheticCase(patientId: str = "TwinRTPhantom", obliqueDirection: bool = False) -> Case:
+    """A 12 x 14 x 16 voxel phantom with three structures and a dose in Gy.
+
+    The CT is water (0 HU) in an ellipsoidal body of air (-1000 HU) outside; the target is a cube
+    receiving a uniform 60 Gy (a step DVH), an organ next to it gets a 0-30 Gy gradient.
+
+    :param patientId: the case's patient ID.
+    :param obliqueDirection: use a rotated, non-axis-aligned grid (tests matrix handling).
+    :return: the case; ``doses["reference"]`` is on the CT grid.
+    """
+    shape = (12, 14, 16)  # (k, j, i)
+    direction = np.eye(3)
+    if obliqueDirection:
+        angle = np.deg2rad(20.0)
+        direction = np.array([[np.cos(angle), -np.sin(angle), 0.0], [np.sin(angle), np.cos(angle), 0.0],
+                              [0.0, 0.0, 1.0]])
+    grid = Grid(shape, (2.0, 2.5, 3.0), (-15.0, -17.5, -16.5), direction)
+    k, j, i = np.indices(shape)
+    body = ((i - 7.5) / 7.0) ** 2 + ((j - 6.5) / 6.0) ** 2 + ((k - 5.5) / 6.0) ** 2 <= 1.0
+    # Integer HU with a little texture so that an index mix-up cannot go unnoticed.
+    ct = np.where(body, (i + 3 * j + 7 * k) % 40 - 20, -1000).astype(np.int16)
+    target = np.zeros(shape, bool)
+    target[4:8, 5:9, 6:10] = True
+    organ = np.zeros(shape, bool)
+    organ[4:8, 5:9, 11:14] = True
+    dose = np.where(target, 60.0, 0.0) + np.where(body & ~target, 30.0 * np.exp(-np.abs(i - 8.0) / 3.0), 0.0)
+    structures = [
+        Structure("BODY", body, grid, (177, 122, 101), StructureType.EXTERNAL),
+        Structure("PTV60", target, grid, (255, 0, 0), StructureType.TARGET),
+        Structure("Organ", organ, grid, (0, 151, 206), StructureType.ORGAN),
+    ]
+    metadata = {"patient_name": "Phantom^TwinRT", "source": "TwinRTCommon.testing",
+                "prescriptions": [Prescription("PTV60", 60.0, 30)], "study_instance_uid": "1.2.826.0.1.3680043.8.498.1"}
+    return Case(patientId, Image(ct, grid, "CT"), structures,
+                {"reference": Dose(dose.astype(np.float32), grid, "reference", source="synthetic")}, [], metadata)
