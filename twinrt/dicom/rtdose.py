@@ -4,6 +4,10 @@ Pixels are unsigned 32-bit integers times DoseGridScaling. The scaling is chosen
 maximum dose maps to about 2**31, which makes the quantisation step about 5e-10 of the maximum:
 the round trip error is then limited by the float32 dose itself (about 6e-8 relative), far below
 the 0.5 % of maximum that dose comparison needs.
+
+Validation note: dicom3tools' ``dciodvfy`` (at least 1.00~20220618) aborts with "Assertion
+'bitsallocated <= bytesinword*8u' failed" on any 32-bit pixel data; that is a validator bug, not a
+file problem (the same header with 16-bit pixels validates with zero errors and zero warnings).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ def write_rtdose(dose: Dose, ctx: DicomContext, path: str | Path, referenced_pla
     defined term needs some reference. A made-up reference would dangle, so without
     ``referenced_plan_sop_uid`` the summation type is written as given and the file lacks that
     Type 1C sequence (dciodvfy reports one error; most viewers, Slicer included, read it fine).
-    :func:`twinrt.dicom.folder.export_case` always passes a plan so that its files conform.
+    :func:`twinrt.dicom.folder.export_case` passes the first plan of the case when it writes one.
 
     :param dose: dose in Gy (finite, >= 0).
     :param ctx: patient, study and frame of reference of the case.
