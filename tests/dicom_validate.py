@@ -1,23 +1,17 @@
-"""Run dicom3tools' ``dciodvfy`` on written files and collect its errors.
+"""Test helpers around :mod:`twinrt.dicom.validate` (dicom3tools' ``dciodvfy``).
 
-``dciodvfy`` is the reference IOD validator; TwinRT's DICOM output must produce zero lines
-starting with ``Error``. Tests skip when it is not installed, except in CI (``CI`` set), where a
-missing validator is a failure so that validation is never silently dropped.
+Tests skip when dciodvfy is not installed, except in CI (``CI`` set), where a missing validator
+is a failure so that validation is never silently dropped.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-
-def dciodvfy_path() -> str | None:
-    """Path of the ``dciodvfy`` executable, or ``None`` when it is not installed."""
-    return shutil.which("dciodvfy")
+from twinrt.dicom.validate import dciodvfy_path, validate_file
 
 
 def require_dciodvfy() -> str:
@@ -31,13 +25,12 @@ def require_dciodvfy() -> str:
     return exe
 
 
-def dciodvfy_errors(path: str | Path) -> list[str]:
-    """Lines of ``dciodvfy path`` output that start with ``Error``.
+def dciodvfy_report(path: str | Path) -> tuple[list[str], list[str]]:
+    """(error lines, warning lines) of ``dciodvfy path``; a validator crash counts as an error."""
+    require_dciodvfy()
+    return validate_file(path)
 
-    :param path: a DICOM Part 10 file.
-    :return: the error lines (empty when the file is valid); warnings are ignored.
-    """
-    exe = require_dciodvfy()
-    proc = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=120)
-    lines = (proc.stdout + "\n" + proc.stderr).splitlines()
-    return [line for line in lines if line.startswith("Error")]
+
+def dciodvfy_errors(path: str | Path) -> list[str]:
+    """Error lines of ``dciodvfy path`` (empty when the file is valid)."""
+    return dciodvfy_report(path)[0]

@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicom_io_checks import dciodvfy_report
+from dicom_validate import dciodvfy_report
 from twinrt.dicom.common import DicomContext, new_uid
 from twinrt.dicom.ct import guess_patient_position, read_ct_series, write_ct_series
 from twinrt.errors import DicomImportError, InvalidInputError, MissingInputError

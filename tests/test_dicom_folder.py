@@ -8,7 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicom_io_checks import dciodvfy_report
+from dicom_validate import dciodvfy_report
 from twinrt.data import load_openkbp, openkbp_patients, shared_data_dir
 from twinrt.dicom import export_case, import_case
 from twinrt.dicom.common import DicomContext
@@ -64,7 +64,7 @@ def test_export_import_without_structures(tmp_path):
     np.testing.assert_array_equal(back.ct.array, case.ct.array)
     assert back.ct.grid == case.ct.grid
     d, d2 = case.doses["predicted"], back.doses["predicted"]
-    assert d2.grid == d.grid and np.abs(d2.array - d.array).max() <= 1e-6 * d.max_gy
+    assert d2.grid == d.grid and np.abs(d2.array - d.array).max() <= d.max_gy / 130000  # 16-bit quantisation
     assert back.plans[0].prescriptions == case.plans[0].prescriptions
     assert back.prescriptions == case.prescriptions
     assert back.patient_id == case.patient_id and back.metadata["patient_name"] == "Phantom^Folder"

@@ -6,7 +6,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicom_io_checks import dciodvfy_report
+from dicom_validate import dciodvfy_report
 from twinrt.data import load_openkbp, openkbp_patients, shared_data_dir
 from twinrt.dicom.common import DicomContext
 from twinrt.dicom.ct import write_ct_series
@@ -52,13 +52,14 @@ def test_round_trip(tmp_path, ctx, direction):
     uid = write_rtdose(dose, ctx, tmp_path / "rd.dcm", PLAN_UID)
     back = read_rtdose(tmp_path / "rd.dcm")
     assert back.grid == dose.grid
-    assert _max_error_pct(dose, back) < 1e-5  # measured ~5e-8 %: limited by float32, not the file
+    # 16-bit pixels: at most half a step, max/130000 = 7.7e-4 % of the maximum.
+    assert _max_error_pct(dose, back) < 8e-4
     assert back.array[0, 0, 0] == 0.0
     assert (back.name, back.dose_type, back.summation, back.source) == ("predicted", "PHYSICAL", "PLAN",
                                                                       "model x sha256 abc")
     ds = pydicom.dcmread(tmp_path / "rd.dcm")
     assert ds.SOPInstanceUID == uid and ds.DoseUnits == "GY" and ds.NumberOfFrames == SHAPE[0]
-    assert ds.BitsAllocated == 32 and ds.PixelRepresentation == 0
+    assert ds.BitsAllocated == 16 and ds.PixelRepresentation == 0
     assert int(ds.pixel_array.max()) <= MAX_PIXEL
     assert [float(v) for v in ds.GridFrameOffsetVector][:3] == [0.0, 3.0, 6.0]
     assert ds.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID == PLAN_UID
@@ -72,7 +73,7 @@ def test_descending_frames_are_reordered(tmp_path, ctx):
     assert offsets[1] == -3.0
     back = read_rtdose(tmp_path / "rd.dcm")
     assert np.allclose(back.grid.direction, np.eye(3))
-    np.testing.assert_allclose(back.array, dose.array[::-1], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(back.array, dose.array[::-1], rtol=0, atol=dose.max_gy / 130000 * 1.01)
     # Same voxel centres: the last input slice is the first output slice.
     assert np.allclose(back.grid.origin_mm, dose.grid.index_to_lps(np.array([0, 0, SHAPE[0] - 1.0])))
 
@@ -98,7 +99,7 @@ def test_openkbp_reference_dose_precision(tmp_path, ctx):
     print(f"OpenKBP {case.patient_id} RTDOSE round trip: max error {err:.2e} % of max ({dose.max_gy:.2f} Gy)")
     assert back.grid == dose.grid
     assert err <= 0.5
-    assert err < 1e-5
+    assert err < 8e-4  # 16-bit quantisation bound
 
 
 def test_rtdose_passes_dciodvfy_with_plan(tmp_path, ctx):
@@ -140,7 +141,7 @@ def test_signed_negative_pixels(tmp_path, ctx):
     arr = ds.pixel_array.astype(np.int32)
     arr[0, 0, 0] = -5
     ds.PixelRepresentation = 1
-    ds.PixelData = arr.astype("<i4").tobytes()
+    ds.PixelData = arr.astype("<i2").tobytes()
     ds.save_as(tmp_path / "signed.dcm")
     with pytest.raises(DoseError) as err:
         read_rtdose(tmp_path / "signed.dcm")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pydicom
 import pytest
 
-from dicom_io_checks import dciodvfy_report
+from dicom_validate import dciodvfy_report
 from twinrt.dicom.common import RT_STRUCTURE_SET_STORAGE, DicomContext
 from twinrt.dicom.rtplan import read_rtplan, write_rtplan
 from twinrt.errors import DicomImportError, InvalidInputError, MissingInputError

@@ -22,7 +22,7 @@ import numpy as np
 import twinrt
 from twinrt.errors import InvalidInputError, TwinRTError
 from twinrt.io_utils import write_text_atomic
-from twinrt.model import Case, Plan
+from twinrt.model import Case
 from twinrt.progress import CancelToken, ProgressCallback, report
 
 #: Stages that later issues add, in pipeline order, with the issue that builds each.
@@ -93,7 +93,7 @@ def _dose_curves(case: Case, dose_name: str) -> tuple[list[dict[str, Any]], list
         if s.is_empty:
             continue
         h = dvh.structure_dvh(dose, s)
-        curves.append(DvhCurve(s.name, s.color, np.asarray(h.dose_gy), np.asarray(h.volume_percent)))
+        curves.append(DvhCurve(s.name, s.color, h.bin_edges_gy, h.cumulative_percent))
     return metrics, curves
 
 
@@ -141,9 +141,6 @@ def run_pipeline(dicom_dir: str | Path, out_dir: str | Path, write_scene: bool =
         timings.append((name, 0.0, f"not available yet (issue {issue})"))
     metrics, curves = stage("DVH metrics", 1, lambda: _dose_curves(case, dose_name))
     result.metrics = metrics
-    if not case.plans:
-        # An RTPLAN skeleton with the prescriptions: AIPlanner (issue 3) adds beams.
-        case.plans.append(Plan("TwinRT", list(case.prescriptions)))
     dicom_out = out / "dicom"
     result.outputs["dicom"] = dicom_out
     state["files"] = stage("write DICOM-RT", 2, lambda: export_case(case, dicom_out))

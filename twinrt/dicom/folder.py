@@ -72,7 +72,9 @@ def export_case(case: Case, folder: str | Path, include: Iterable[str] = ALL_OBJ
     """Write ``case`` as DICOM into ``folder`` (replaced as a whole, atomically).
 
     Doses reference the first plan written (DICOM requires a plan reference for DoseSummationType
-    PLAN); when the case has no plan, or ``rtplan`` is not included, doses are written without one.
+    PLAN). A case with doses but no plan gets an RTPLAN skeleton (its prescriptions, no beams,
+    UNAPPROVED) so that its RTDOSE files are valid; when ``rtplan`` is not included, doses are
+    written without a reference.
     The UIDs used are stored in ``case.metadata`` (:meth:`DicomContext.to_metadata` keys plus
     ``series_instance_uid``, ``ct_sop_instance_uids``, ``rtstruct_sop_instance_uid``,
     ``rtdose_sop_instance_uids`` and ``rtplan_sop_instance_uids``), so a second export gives the same
@@ -121,8 +123,11 @@ def export_case(case: Case, folder: str | Path, include: Iterable[str] = ALL_OBJ
             out["rtstruct"] = [path]
             new_meta["rtstruct_sop_instance_uid"] = structure_set_uid
         plan_uids: list[str] = []
+        plans = list(case.plans)
+        if not plans and case.doses and "rtdose" in include:
+            plans = [Plan("TwinRT", list(case.prescriptions))]
         if "rtplan" in include:
-            for n, plan in enumerate(case.plans, start=1):
+            for n, plan in enumerate(plans, start=1):
                 path = tmp / f"RTPLAN_{n}_{_safe_name(plan.label)}.dcm"
                 uid = new_uid(ctx.study_instance_uid, "RTPLAN", n, _digest(plan, structure_set_uid))
                 plan_uids.append(write_rtplan(plan, ctx, path, structure_set_uid, series_number=_SERIES_RTPLAN,

@@ -1,7 +1,9 @@
 """Validation of written DICOM files with ``dciodvfy`` (Debian package dicom3tools).
 
 ``dciodvfy`` checks every attribute against the IOD of the file's SOP class. TwinRT's rule is zero
-errors for every file type it writes; warnings are reported but do not fail.
+errors for every file type it writes; warnings are reported but do not fail. A validator that
+crashes (exit status other than 0 or 1, e.g. an assertion) is reported as an error, never as a
+clean file.
 """
 
 from __future__ import annotations
@@ -21,16 +23,19 @@ def dciodvfy_path() -> str | None:
 def validate_file(path: str | Path) -> tuple[list[str], list[str]]:
     """Run ``dciodvfy`` on one file.
 
-    :return: (error lines, warning lines) as printed by dciodvfy.
+    :return: (error lines, warning lines) as printed by dciodvfy; a crash adds an error line.
     :raises MissingInputError: when dciodvfy is not installed (``apt-get install dicom3tools``).
     """
     exe = dciodvfy_path()
     if exe is None:
         raise MissingInputError("dciodvfy not found; install it with 'apt-get install dicom3tools'")
     proc = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=120)
-    lines = (proc.stdout + proc.stderr).splitlines()
+    lines = (proc.stdout + "\n" + proc.stderr).splitlines()
     errors = [ln for ln in lines if ln.startswith("Error")]
-    warnings = [ln for ln in lines if ln.startswith("Warning")]
+    # DICOMDIR-only remarks do not apply to single files.
+    warnings = [ln for ln in lines if ln.startswith("Warning") and "DICOMDIR" not in ln]
+    if proc.returncode not in (0, 1):
+        errors.append(f"Error - dciodvfy crashed with exit status {proc.returncode}: " + " | ".join(lines[-3:]))
     return errors, warnings
 
 
