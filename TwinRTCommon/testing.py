@@ -47,3 +47,80 @@ def makeSyntheticCase(patientId: str = "TwinRTPhantom", obliqueDirection: bool =
                 "prescriptions": [Prescription("PTV60", 60.0, 30)], "study_instance_uid": "1.2.826.0.1.3680043.8.498.1"}
     return Case(patientId, Image(ct, grid, "CT"), structures,
                 {"reference": Dose(dose.astype(np.float32), grid, "reference", source="synthetic")}, [], metadata)
+
+
+def assertCaseInScene(testCase, created: dict, case: Case, scene) -> None:
+    """Check the MRML contract for ``case`` written by ``caseToScene`` (used by every module's self-test).
+
+    :param testCase: the ``unittest.TestCase`` (a module's ``ScriptedLoadableModuleTest``).
+    :param created: what :func:`TwinRTCommon.mrmlio.caseToScene` returned.
+    :param case: the case that was written.
+    :param scene: the scene it was written to.
+    """
+    import slicer
+
+    from TwinRTCommon import mrmlio
+
+    ct = created["ct"]
+    testCase.assertTrue(ct.IsA("vtkMRMLScalarVolumeNode"))
+    testCase.assertEqual(ct.GetAttribute(mrmlio.ROLE_ATTRIBUTE), mrmlio.ROLE_CT)
+    testCase.assertIn("Research use only", ct.GetAttribute(mrmlio.RESEARCH_USE_ATTRIBUTE))
+    testCase.assertTrue(np.array_equal(slicer.util.arrayFromVolume(ct), case.ct.array))
+    testCase.assertTrue(mrmlio.volumeGrid(ct) == case.ct.grid)
+
+    segmentation = created["segmentation"]
+    testCase.assertTrue(segmentation.IsA("vtkMRMLSegmentationNode"))
+    role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
+    testCase.assertEqual(segmentation.GetNodeReferenceID(role), ct.GetID())
+    segments = segmentation.GetSegmentation()
+    testCase.assertEqual(segments.GetNumberOfSegments(), len(case.structures))
+    names = [segments.GetNthSegment(i).GetName() for i in range(segments.GetNumberOfSegments())]
+    testCase.assertEqual(names, [s.name for s in case.structures])
+
+    for name, doseNode in created["doses"].items():
+        testCase.assertTrue(mrmlio.isDoseVolumeNode(doseNode))
+        testCase.assertEqual(doseNode.GetAttribute("DicomRtImport.DoseVolume"), "1")
+        testCase.assertEqual(doseNode.GetDisplayNode().GetColorNode().GetName(), "Dose_ColorTable")
+        testCase.assertAlmostEqual(float(slicer.util.arrayFromVolume(doseNode).max()), case.doses[name].max_gy, places=4)
+
+    sh = scene.GetSubjectHierarchyNode()
+    study = created["studyItem"]
+    testCase.assertEqual(sh.GetItemLevel(study), "Study")
+    testCase.assertEqual(sh.GetItemLevel(sh.GetItemParent(study)), "Patient")
+    testCase.assertEqual(sh.GetItemAttribute(study, "DicomRtImport.DoseUnitName"), "Gy")
+    testCase.assertEqual(sh.GetItemAttribute(sh.GetItemParent(study), "DICOM.PatientID"), case.patient_id)
+    dataNodes = [ct, segmentation, *created["doses"].values()]
+    if "dvhMetricsTable" in created:
+        dataNodes += [created["dvhMetricsTable"], created["dvhChart"], *created["dvhTables"].values(),
+                      *created["dvhPlotSeries"].values()]
+        rows = mrmlio.tableToRows(created["dvhMetricsTable"])
+        testCase.assertEqual([r["structure"] for r in rows], [s.name for s in case.structures if not s.is_empty])
+        testCase.assertEqual(created["dvhMetricsTable"].GetColumnUnitLabel("mean_gy"), "Gy")
+        testCase.assertEqual(created["dvhChart"].GetNumberOfPlotSeriesNodes(), len(rows))
+        for table in created["dvhTables"].values():
+            testCase.assertEqual(table.GetAttribute("DoseVolumeHistogram.DVH"), "1")
+    for node in dataNodes:
+        testCase.assertEqual(sh.GetItemParent(sh.GetItemByDataNode(node)), study, node.GetName())
+
+
+def assertBadInputLeavesSceneUnchanged(testCase, logic, scene) -> None:
+    """A NaN dose and a non-Case input raise typed errors and add nothing to ``scene``.
+
+    :param testCase: the ``unittest.TestCase``.
+    :param logic: a module Logic (has ``caseToScene``).
+    :param scene: the scene.
+    """
+    from TwinRTCommon import mrmlio
+    from twinrt.errors import DoseError, InvalidInputError
+
+    before = mrmlio.nodeIds(scene)
+    itemsBefore = scene.GetSubjectHierarchyNode().GetNumberOfItems()
+    case = makeSyntheticCase("BadDose")
+    # Dose validates on construction; corrupting it afterwards is what a buggy producer would do.
+    case.doses["reference"].array[3, 4, 5] = np.nan
+    with testCase.assertRaises(DoseError):
+        logic.caseToScene(case, scene)
+    with testCase.assertRaises(InvalidInputError):
+        logic.caseToScene("not a case", scene)
+    testCase.assertEqual(mrmlio.nodeIds(scene), before)
+    testCase.assertEqual(scene.GetSubjectHierarchyNode().GetNumberOfItems(), itemsBefore)

@@ -1,0 +1,331 @@
+"""AutoContour: automatic contouring of organs at risk and targets on the planning CT (research use only).
+
+The contouring model is built by issue 6; until then the Logic raises StageNotAvailableError.
+This file follows Slicer's scripted-module template (Utilities/Templates/Modules/Scripted):
+AutoContour (module descriptor), AutoContourParameterNode, AutoContourWidget (thin: binds the .ui and calls
+the Logic), AutoContourLogic (all computation, batch-capable) and AutoContourTest (runs headless too).
+"""
+
+from typing import Optional
+
+import vtk
+
+import slicer
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.ScriptedLoadableModule import *
+from slicer.util import VTKObservationMixin
+from slicer.parameterNodeWrapper import parameterNodeWrapper
+
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+
+from TwinRTCommon.logic import CaseLogicMixin, checkCtVolume
+
+#: Shown in the help text and, persistently, in the module panel (STYLE.md section 8).
+RESEARCH_USE_ONLY = "Research use only, not for clinical decisions."
+
+
+#
+# AutoContour
+#
+
+
+class AutoContour(ScriptedLoadableModule):
+    """Module descriptor. Uses ScriptedLoadableModule base class, available at:
+    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    """
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("AutoContour")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Radiotherapy.AI")]
+        # Core modules only for now; the issue that first uses SlicerRT node types adds SlicerRT's.
+        self.parent.dependencies = ["Segmentations", "SubjectHierarchy"]
+        self.parent.contributors = ["TwinRT contributors"]
+        self.parent.helpText = _("""
+<b>Research use only, not for clinical decisions.</b><br>
+Segments organs at risk and targets on the planning CT with an AI model and writes them as a segmentation that references the CT.
+The stage is not available yet (issue 6): the module can load a case (sample patient or DICOM
+folder) and shows it in the TwinRT scene layout, but <i>Apply</i> reports that the stage is missing.
+""")
+        self.parent.acknowledgementText = _("""
+Part of the TwinRT extension suite. The sample patient is from the OpenKBP data set (Babier et al.,
+Medical Physics 48(9), 2021) built on The Cancer Imaging Archive head-and-neck collections.
+Built on 3D Slicer and SlicerRT.
+""")
+        # Register the sample patient after startup, when the Sample Data module exists.
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+#
+# Register sample data sets in Sample Data module
+#
+
+
+def registerSampleData():
+    """Add the TwinRT sample patient to Sample Data; all five modules call this, it registers once."""
+    from TwinRTCommon.sampledata import registerSampleData as registerTwinRTSampleData
+
+    registerTwinRTSampleData()
+
+
+#
+# AutoContourParameterNode
+#
+
+
+@parameterNodeWrapper
+class AutoContourParameterNode:
+    """The parameters of AutoContour, saved with the scene.
+
+    inputVolume - planning CT to contour.
+    outputSegmentation - segmentation that receives the structures (created when empty).
+    modelId - contouring model from Resources/models.json (empty: the default model).
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    outputSegmentation: vtkMRMLSegmentationNode
+    modelId: str = ""
+
+
+#
+# AutoContourWidget
+#
+
+
+class AutoContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Binds the .ui to the parameter node and calls the Logic; holds no computation.
+
+    Uses ScriptedLoadableModuleWidget base class, available at:
+    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    """
+
+    def __init__(self, parent=None) -> None:
+        """Called when the user opens the module the first time and the widget is initialized."""
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)  # needed for parameter node observation
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+
+    def setup(self) -> None:
+        """Load the .ui and connect it; cheap and without prompts (the generic test builds it)."""
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/AutoContour.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        # Set scene in MRML widgets; the .ui forwards mrmlSceneChanged to every node selector.
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = AutoContourLogic()
+        self.ui.statusLabel.text = self.logic.stageStatusText()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.loadSampleButton.connect("clicked(bool)", self.onLoadSampleButton)
+        self.ui.importDicomButton.connect("directoryChanged(QString)", self.onImportDicomFolder)
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        """Called when the application closes and the module widget is destroyed."""
+        self.removeObservers()
+
+    def enter(self) -> None:
+        """Called each time the user opens this module."""
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        """Called each time the user opens a different module."""
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        """Called just before the scene is closed."""
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        """Called just after the scene is closed."""
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        """Ensure the parameter node exists and is observed; preselect the obvious inputs."""
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            self._parameterNode.inputVolume = self.logic.findCtVolume()
+
+    def setParameterNode(self, inputParameterNode: Optional[AutoContourParameterNode]) -> None:
+        """Bind the GUI to ``inputParameterNode`` (widgets carry SlicerParameterName properties)."""
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self._checkCanApply()
+
+    def _checkCanApply(self, caller=None, event=None) -> None:
+        ready = bool(self._parameterNode and self._parameterNode.inputVolume)
+        self.ui.applyButton.enabled = ready
+        self.ui.applyButton.toolTip = _("Contour the selected CT.") if ready else _("Select the planning CT.")
+
+    def onLoadSampleButton(self) -> None:
+        """Load the bundled sample patient through the TwinRT case path."""
+        with slicer.util.tryWithErrorDisplay(_("Failed to load the TwinRT sample patient."), waitCursor=True):
+            self.logic.loadSampleCase()
+            self.initializeParameterNode()
+
+    def onImportDicomFolder(self, folder: str) -> None:
+        """Import a DICOM patient folder (CT, RTSTRUCT, RTDOSE) into the scene."""
+        if not folder:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to import the DICOM folder."), waitCursor=True):
+            self.logic.importCase(folder)
+            self.initializeParameterNode()
+
+    def onApplyButton(self) -> None:
+        """Run the stage; until issue 6 lands this reports that it is not available."""
+        with slicer.util.tryWithErrorDisplay(_("Failed to contour the CT."), waitCursor=True):
+            parameters = self._parameterNode
+            self.logic.segmentCT(parameters.inputVolume, parameters.outputSegmentation, parameters.modelId)
+
+
+#
+# AutoContourLogic
+#
+
+
+class AutoContourLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
+    """All computation of AutoContour; usable without the GUI (batch mode, tests).
+
+    Loading a case (``importCase``, ``loadSampleCase``, ``caseToScene``, ``sceneToCase``) comes from
+    :class:`TwinRTCommon.logic.CaseLogicMixin`, so every module shares the one MRML contract.
+    Uses ScriptedLoadableModuleLogic base class, available at:
+    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    """
+
+    stageName = "automatic contouring"
+    stageIssue = "6"
+
+    def __init__(self) -> None:
+        """Called when the logic class is instantiated. Can be used for initializing member variables."""
+        ScriptedLoadableModuleLogic.__init__(self)
+
+    def getParameterNode(self):
+        return AutoContourParameterNode(super().getParameterNode())
+
+    def stageStatusText(self) -> str:
+        """The text of the module panel's status label."""
+        return _("Not available yet: {stage} is built by issue {issue}.").format(
+            stage=self.stageName, issue=self.stageIssue)
+
+    def findCtVolume(self):
+        """The CT of the scene (for preselection), or None when there is none or several."""
+        from TwinRTCommon import mrmlio
+        from twinrt.errors import InvalidInputError
+
+        try:
+            return mrmlio.findCtVolume(slicer.mrmlScene)
+        except InvalidInputError:
+            return None
+
+    def segmentCT(self, inputVolume, outputSegmentation=None, modelId: str = ""):
+        """Contour organs and targets on a CT.
+
+        :param inputVolume: the planning CT (``vtkMRMLScalarVolumeNode``, HU).
+        :param outputSegmentation: segmentation to fill; a new one referencing the CT when None.
+        :param modelId: model from ``Resources/models.json``; empty selects the default.
+        :return: the segmentation node.
+        :raises InvalidInputError: when ``inputVolume`` is not a CT volume.
+        :raises StageNotAvailableError: always, until issue 6 builds the contouring stage.
+        """
+        checkCtVolume(inputVolume, _("planning CT"))
+        raise self.stageNotAvailable()
+
+
+#
+# AutoContourTest
+#
+
+
+class AutoContourTest(ScriptedLoadableModuleTest):
+    """Logic tests on a tiny synthetic case built in memory; they run in Slicer and headless.
+
+    Uses ScriptedLoadableModuleTest base class, available at:
+    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    """
+
+    def setUp(self):
+        """Start every test from an empty scene."""
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        """Run all tests of this module."""
+        for test in (self.test_AutoContourCaseToScene, self.test_AutoContourStageNotAvailable,
+                     self.test_AutoContourBadInputLeavesSceneUnchanged, self.test_AutoContourParameterNode):
+            self.setUp()
+            test()
+
+    def test_AutoContourCaseToScene(self):
+        """A case goes into the scene through this module's Logic following the MRML contract."""
+        from TwinRTCommon.testing import assertCaseInScene, makeSyntheticCase
+
+        self.delayDisplay("Case to scene")
+        logic = AutoContourLogic()
+        case = makeSyntheticCase()
+        created = logic.caseToScene(case)
+        assertCaseInScene(self, created, case, slicer.mrmlScene)
+        back = logic.sceneToCase()
+        self.assertEqual(back.patient_id, case.patient_id)
+        for original, reloaded in zip(case.structures, back.structures):
+            self.assertEqual(original.name, reloaded.name)
+            self.assertTrue((original.mask == reloaded.mask).all(), original.name)
+        self.delayDisplay("Test passed")
+
+    def test_AutoContourStageNotAvailable(self):
+        """The stage method says plainly that it is not built yet, and changes nothing."""
+        from TwinRTCommon import mrmlio
+        from TwinRTCommon.testing import makeSyntheticCase
+        from twinrt.errors import InvalidInputError, StageNotAvailableError
+
+        self.delayDisplay("Stage not available")
+        logic = AutoContourLogic()
+        created = logic.caseToScene(makeSyntheticCase())
+        before = mrmlio.nodeIds(slicer.mrmlScene)
+        with self.assertRaises(StageNotAvailableError) as context:
+            logic.segmentCT(created["ct"], created["segmentation"])
+        self.assertIn("issue 6", str(context.exception))
+        with self.assertRaises(InvalidInputError):
+            logic.segmentCT(None)
+        self.assertEqual(mrmlio.nodeIds(slicer.mrmlScene), before)
+        self.delayDisplay("Test passed")
+
+    def test_AutoContourBadInputLeavesSceneUnchanged(self):
+        """A dose with NaN voxels raises DoseError and leaves the scene as it was."""
+        from TwinRTCommon.testing import assertBadInputLeavesSceneUnchanged, makeSyntheticCase
+
+        self.delayDisplay("Bad input")
+        logic = AutoContourLogic()
+        logic.caseToScene(makeSyntheticCase("Existing"))  # a scene with content, which must survive
+        assertBadInputLeavesSceneUnchanged(self, logic, slicer.mrmlScene)
+        self.delayDisplay("Test passed")
+
+    def test_AutoContourParameterNode(self):
+        """The parameter node is a scene singleton and keeps typed values and node references."""
+        from TwinRTCommon.testing import makeSyntheticCase
+
+        self.delayDisplay("Parameter node")
+        logic = AutoContourLogic()
+        created = logic.caseToScene(makeSyntheticCase())
+        parameters = logic.getParameterNode()
+        parameters.inputVolume = created["ct"]
+        parameters.modelId = "test-model"
+        again = logic.getParameterNode()
+        self.assertIs(again.parameterNode, parameters.parameterNode)
+        self.assertEqual(again.inputVolume.GetID(), created["ct"].GetID())
+        self.assertEqual(again.modelId, "test-model")
+        self.assertIsNone(again.outputSegmentation)
+        self.delayDisplay("Test passed")

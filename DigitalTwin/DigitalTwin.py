@@ -1,0 +1,326 @@
+"""DigitalTwin: a per-fraction digital twin of the treatment course (research use only).
+
+The digital twin is built by issue 7; until then the Logic raises StageNotAvailableError.
+This file follows Slicer's scripted-module template (Utilities/Templates/Modules/Scripted):
+DigitalTwin (module descriptor), DigitalTwinParameterNode, DigitalTwinWidget (thin: binds the .ui and calls
+the Logic), DigitalTwinLogic (all computation, batch-capable) and DigitalTwinTest (runs headless too).
+"""
+
+from typing import Annotated, Optional
+
+import vtk
+
+import slicer
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.ScriptedLoadableModule import *
+from slicer.util import VTKObservationMixin
+from slicer.parameterNodeWrapper import parameterNodeWrapper, WithinRange
+
+from slicer import vtkMRMLScalarVolumeNode
+
+from TwinRTCommon.logic import CaseLogicMixin, checkCtVolume, checkDoseVolume
+
+#: Shown in the help text and, persistently, in the module panel (STYLE.md section 8).
+RESEARCH_USE_ONLY = "Research use only, not for clinical decisions."
+
+
+#
+# DigitalTwin
+#
+
+
+class DigitalTwin(ScriptedLoadableModule):
+    """Module descriptor. Uses ScriptedLoadableModule base class, available at:
+    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    """
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("DigitalTwin")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Radiotherapy.AI")]
+        # Core modules only for now; the issue that first uses SlicerRT node types adds SlicerRT's.
+        self.parent.dependencies = ["Segmentations", "SubjectHierarchy"]
+        self.parent.contributors = ["TwinRT contributors"]
+        self.parent.helpText = _("""
+<b>Research use only, not for clinical decisions.</b><br>
+Follows the treatment course fraction by fraction: anatomy changes and delivered dose are kept as a sequence indexed by fraction, for review and for ToxicityMonitor.
+The stage is not available yet (issue 7): the module can load a case (sample patient or DICOM
+folder) and shows it in the TwinRT scene layout, but <i>Apply</i> reports that the stage is missing.
+""")
+        self.parent.acknowledgementText = _("""
+Part of the TwinRT extension suite. The sample patient is from the OpenKBP data set (Babier et al.,
+Medical Physics 48(9), 2021) built on The Cancer Imaging Archive head-and-neck collections.
+Built on 3D Slicer and SlicerRT.
+""")
+        # Register the sample patient after startup, when the Sample Data module exists.
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+#
+# Register sample data sets in Sample Data module
+#
+
+
+def registerSampleData():
+    """Add the TwinRT sample patient to Sample Data; all five modules call this, it registers once."""
+    from TwinRTCommon.sampledata import registerSampleData as registerTwinRTSampleData
+
+    registerTwinRTSampleData()
+
+
+#
+# DigitalTwinParameterNode
+#
+
+
+@parameterNodeWrapper
+class DigitalTwinParameterNode:
+    """The parameters of DigitalTwin, saved with the scene.
+
+    inputVolume - planning CT.
+    inputDose - planned dose (a dose volume, Gy).
+    fractions - number of fractions in the course.
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    inputDose: vtkMRMLScalarVolumeNode
+    fractions: Annotated[int, WithinRange(1, 100)] = 35
+
+
+#
+# DigitalTwinWidget
+#
+
+
+class DigitalTwinWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Binds the .ui to the parameter node and calls the Logic; holds no computation.
+
+    Uses ScriptedLoadableModuleWidget base class, available at:
+    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    """
+
+    def __init__(self, parent=None) -> None:
+        """Called when the user opens the module the first time and the widget is initialized."""
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)  # needed for parameter node observation
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+
+    def setup(self) -> None:
+        """Load the .ui and connect it; cheap and without prompts (the generic test builds it)."""
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/DigitalTwin.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        # Set scene in MRML widgets; the .ui forwards mrmlSceneChanged to every node selector.
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = DigitalTwinLogic()
+        self.ui.statusLabel.text = self.logic.stageStatusText()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.loadSampleButton.connect("clicked(bool)", self.onLoadSampleButton)
+        self.ui.importDicomButton.connect("directoryChanged(QString)", self.onImportDicomFolder)
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        """Called when the application closes and the module widget is destroyed."""
+        self.removeObservers()
+
+    def enter(self) -> None:
+        """Called each time the user opens this module."""
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        """Called each time the user opens a different module."""
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        """Called just before the scene is closed."""
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        """Called just after the scene is closed."""
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        """Ensure the parameter node exists and is observed; preselect the obvious inputs."""
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+
+    def setParameterNode(self, inputParameterNode: Optional[DigitalTwinParameterNode]) -> None:
+        """Bind the GUI to ``inputParameterNode`` (widgets carry SlicerParameterName properties)."""
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self._checkCanApply()
+
+    def _checkCanApply(self, caller=None, event=None) -> None:
+        ready = bool(self._parameterNode and self._parameterNode.inputVolume and self._parameterNode.inputDose)
+        self.ui.applyButton.enabled = ready
+        self.ui.applyButton.toolTip = _("Simulate the treatment course.") if ready else _("Select the planning CT and the planned dose.")
+
+    def onLoadSampleButton(self) -> None:
+        """Load the bundled sample patient through the TwinRT case path."""
+        with slicer.util.tryWithErrorDisplay(_("Failed to load the TwinRT sample patient."), waitCursor=True):
+            self.logic.loadSampleCase()
+            self.initializeParameterNode()
+
+    def onImportDicomFolder(self, folder: str) -> None:
+        """Import a DICOM patient folder (CT, RTSTRUCT, RTDOSE) into the scene."""
+        if not folder:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to import the DICOM folder."), waitCursor=True):
+            self.logic.importCase(folder)
+            self.initializeParameterNode()
+
+    def onApplyButton(self) -> None:
+        """Run the stage; until issue 7 lands this reports that it is not available."""
+        with slicer.util.tryWithErrorDisplay(_("Failed to build the digital twin."), waitCursor=True):
+            parameters = self._parameterNode
+            self.logic.simulateCourse(parameters.inputVolume, parameters.inputDose, parameters.fractions)
+
+
+#
+# DigitalTwinLogic
+#
+
+
+class DigitalTwinLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
+    """All computation of DigitalTwin; usable without the GUI (batch mode, tests).
+
+    Loading a case (``importCase``, ``loadSampleCase``, ``caseToScene``, ``sceneToCase``) comes from
+    :class:`TwinRTCommon.logic.CaseLogicMixin`, so every module shares the one MRML contract.
+    Uses ScriptedLoadableModuleLogic base class, available at:
+    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    """
+
+    stageName = "the digital twin"
+    stageIssue = "7"
+
+    def __init__(self) -> None:
+        """Called when the logic class is instantiated. Can be used for initializing member variables."""
+        ScriptedLoadableModuleLogic.__init__(self)
+
+    def getParameterNode(self):
+        return DigitalTwinParameterNode(super().getParameterNode())
+
+    def stageStatusText(self) -> str:
+        """The text of the module panel's status label."""
+        return _("Not available yet: {stage} is built by issue {issue}.").format(
+            stage=self.stageName, issue=self.stageIssue)
+
+    def simulateCourse(self, ctVolume, doseVolume, fractions: int):
+        """Build the per-fraction twin of a treatment course.
+
+        :param ctVolume: the planning CT (``vtkMRMLScalarVolumeNode``, HU).
+        :param doseVolume: the planned dose (``DicomRtImport.DoseVolume`` set), Gy.
+        :param fractions: number of fractions, >= 1.
+        :return: the sequence browser of the course (index name ``fraction``).
+        :raises InvalidInputError: missing inputs or a volume that is not a dose.
+        :raises StageNotAvailableError: always, until issue 7 builds the digital twin.
+        """
+        from twinrt.errors import InvalidInputError
+
+        checkCtVolume(ctVolume, _("planning CT"))
+        checkDoseVolume(doseVolume)
+        if int(fractions) < 1:
+            raise InvalidInputError(_("A treatment course needs at least one fraction"))
+        raise self.stageNotAvailable()
+
+
+#
+# DigitalTwinTest
+#
+
+
+class DigitalTwinTest(ScriptedLoadableModuleTest):
+    """Logic tests on a tiny synthetic case built in memory; they run in Slicer and headless.
+
+    Uses ScriptedLoadableModuleTest base class, available at:
+    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    """
+
+    def setUp(self):
+        """Start every test from an empty scene."""
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        """Run all tests of this module."""
+        for test in (self.test_DigitalTwinCaseToScene, self.test_DigitalTwinStageNotAvailable,
+                     self.test_DigitalTwinBadInputLeavesSceneUnchanged, self.test_DigitalTwinParameterNode):
+            self.setUp()
+            test()
+
+    def test_DigitalTwinCaseToScene(self):
+        """A case goes into the scene through this module's Logic following the MRML contract."""
+        from TwinRTCommon.testing import assertCaseInScene, makeSyntheticCase
+
+        self.delayDisplay("Case to scene")
+        logic = DigitalTwinLogic()
+        case = makeSyntheticCase()
+        created = logic.caseToScene(case)
+        assertCaseInScene(self, created, case, slicer.mrmlScene)
+        back = logic.sceneToCase()
+        self.assertEqual(back.patient_id, case.patient_id)
+        for original, reloaded in zip(case.structures, back.structures):
+            self.assertEqual(original.name, reloaded.name)
+            self.assertTrue((original.mask == reloaded.mask).all(), original.name)
+        self.delayDisplay("Test passed")
+
+    def test_DigitalTwinStageNotAvailable(self):
+        """The stage method says plainly that it is not built yet, and changes nothing."""
+        from TwinRTCommon import mrmlio
+        from TwinRTCommon.testing import makeSyntheticCase
+        from twinrt.errors import InvalidInputError, StageNotAvailableError
+
+        self.delayDisplay("Stage not available")
+        logic = DigitalTwinLogic()
+        created = logic.caseToScene(makeSyntheticCase())
+        before = mrmlio.nodeIds(slicer.mrmlScene)
+        with self.assertRaises(StageNotAvailableError) as context:
+            logic.simulateCourse(created["ct"], created["doses"]["reference"], 30)
+        self.assertIn("issue 7", str(context.exception))
+        with self.assertRaises(InvalidInputError):
+            logic.simulateCourse(created["ct"], created["ct"], 30)
+        self.assertEqual(mrmlio.nodeIds(slicer.mrmlScene), before)
+        self.delayDisplay("Test passed")
+
+    def test_DigitalTwinBadInputLeavesSceneUnchanged(self):
+        """A dose with NaN voxels raises DoseError and leaves the scene as it was."""
+        from TwinRTCommon.testing import assertBadInputLeavesSceneUnchanged, makeSyntheticCase
+
+        self.delayDisplay("Bad input")
+        logic = DigitalTwinLogic()
+        logic.caseToScene(makeSyntheticCase("Existing"))  # a scene with content, which must survive
+        assertBadInputLeavesSceneUnchanged(self, logic, slicer.mrmlScene)
+        self.delayDisplay("Test passed")
+
+    def test_DigitalTwinParameterNode(self):
+        """The parameter node is a scene singleton and keeps typed values and node references."""
+        from TwinRTCommon.testing import makeSyntheticCase
+
+        self.delayDisplay("Parameter node")
+        logic = DigitalTwinLogic()
+        created = logic.caseToScene(makeSyntheticCase())
+        parameters = logic.getParameterNode()
+        parameters.inputVolume = created["ct"]
+        parameters.inputDose = created["doses"]["reference"]
+        parameters.fractions = 5
+        again = logic.getParameterNode()
+        self.assertIs(again.parameterNode, parameters.parameterNode)
+        self.assertEqual(again.inputDose.GetID(), created["doses"]["reference"].GetID())
+        self.assertEqual(again.fractions, 5)
+        self.delayDisplay("Test passed")

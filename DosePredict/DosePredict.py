@@ -1,0 +1,326 @@
+"""DosePredict: AI prediction of the 3D dose distribution from CT and structures (research use only).
+
+The dose prediction model is built by issue 5; until then the Logic raises StageNotAvailableError.
+This file follows Slicer's scripted-module template (Utilities/Templates/Modules/Scripted):
+DosePredict (module descriptor), DosePredictParameterNode, DosePredictWidget (thin: binds the .ui and calls
+the Logic), DosePredictLogic (all computation, batch-capable) and DosePredictTest (runs headless too).
+"""
+
+from typing import Optional
+
+import vtk
+
+import slicer
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.ScriptedLoadableModule import *
+from slicer.util import VTKObservationMixin
+from slicer.parameterNodeWrapper import parameterNodeWrapper
+
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+
+from TwinRTCommon.logic import CaseLogicMixin, checkCtVolume, checkSegmentation
+
+#: Shown in the help text and, persistently, in the module panel (STYLE.md section 8).
+RESEARCH_USE_ONLY = "Research use only, not for clinical decisions."
+
+
+#
+# DosePredict
+#
+
+
+class DosePredict(ScriptedLoadableModule):
+    """Module descriptor. Uses ScriptedLoadableModule base class, available at:
+    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    """
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("DosePredict")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Radiotherapy.AI")]
+        # Core modules only for now; the issue that first uses SlicerRT node types adds SlicerRT's.
+        self.parent.dependencies = ["Segmentations", "SubjectHierarchy"]
+        self.parent.contributors = ["TwinRT contributors"]
+        self.parent.helpText = _("""
+<b>Research use only, not for clinical decisions.</b><br>
+Predicts a 3D dose distribution (Gy) from the planning CT and its structures; the result is a dose volume that SlicerRT's DVH, Isodose and RTDOSE export accept.
+The stage is not available yet (issue 5): the module can load a case (sample patient or DICOM
+folder) and shows it in the TwinRT scene layout, but <i>Apply</i> reports that the stage is missing.
+""")
+        self.parent.acknowledgementText = _("""
+Part of the TwinRT extension suite. The sample patient is from the OpenKBP data set (Babier et al.,
+Medical Physics 48(9), 2021) built on The Cancer Imaging Archive head-and-neck collections.
+Built on 3D Slicer and SlicerRT.
+""")
+        # Register the sample patient after startup, when the Sample Data module exists.
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+#
+# Register sample data sets in Sample Data module
+#
+
+
+def registerSampleData():
+    """Add the TwinRT sample patient to Sample Data; all five modules call this, it registers once."""
+    from TwinRTCommon.sampledata import registerSampleData as registerTwinRTSampleData
+
+    registerTwinRTSampleData()
+
+
+#
+# DosePredictParameterNode
+#
+
+
+@parameterNodeWrapper
+class DosePredictParameterNode:
+    """The parameters of DosePredict, saved with the scene.
+
+    inputVolume - planning CT.
+    inputSegmentation - structures, referencing the CT.
+    outputDose - dose volume that receives the prediction (created when empty).
+    modelId - dose model from Resources/models.json (empty: the default model).
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    inputSegmentation: vtkMRMLSegmentationNode
+    outputDose: vtkMRMLScalarVolumeNode
+    modelId: str = ""
+
+
+#
+# DosePredictWidget
+#
+
+
+class DosePredictWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Binds the .ui to the parameter node and calls the Logic; holds no computation.
+
+    Uses ScriptedLoadableModuleWidget base class, available at:
+    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    """
+
+    def __init__(self, parent=None) -> None:
+        """Called when the user opens the module the first time and the widget is initialized."""
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)  # needed for parameter node observation
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+
+    def setup(self) -> None:
+        """Load the .ui and connect it; cheap and without prompts (the generic test builds it)."""
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/DosePredict.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        # Set scene in MRML widgets; the .ui forwards mrmlSceneChanged to every node selector.
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = DosePredictLogic()
+        self.ui.statusLabel.text = self.logic.stageStatusText()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.loadSampleButton.connect("clicked(bool)", self.onLoadSampleButton)
+        self.ui.importDicomButton.connect("directoryChanged(QString)", self.onImportDicomFolder)
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        """Called when the application closes and the module widget is destroyed."""
+        self.removeObservers()
+
+    def enter(self) -> None:
+        """Called each time the user opens this module."""
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        """Called each time the user opens a different module."""
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        """Called just before the scene is closed."""
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        """Called just after the scene is closed."""
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        """Ensure the parameter node exists and is observed; preselect the obvious inputs."""
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+
+    def setParameterNode(self, inputParameterNode: Optional[DosePredictParameterNode]) -> None:
+        """Bind the GUI to ``inputParameterNode`` (widgets carry SlicerParameterName properties)."""
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self._checkCanApply()
+
+    def _checkCanApply(self, caller=None, event=None) -> None:
+        ready = bool(self._parameterNode and self._parameterNode.inputVolume and self._parameterNode.inputSegmentation)
+        self.ui.applyButton.enabled = ready
+        self.ui.applyButton.toolTip = _("Predict the dose.") if ready else _("Select the planning CT and its structures.")
+
+    def onLoadSampleButton(self) -> None:
+        """Load the bundled sample patient through the TwinRT case path."""
+        with slicer.util.tryWithErrorDisplay(_("Failed to load the TwinRT sample patient."), waitCursor=True):
+            self.logic.loadSampleCase()
+            self.initializeParameterNode()
+
+    def onImportDicomFolder(self, folder: str) -> None:
+        """Import a DICOM patient folder (CT, RTSTRUCT, RTDOSE) into the scene."""
+        if not folder:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to import the DICOM folder."), waitCursor=True):
+            self.logic.importCase(folder)
+            self.initializeParameterNode()
+
+    def onApplyButton(self) -> None:
+        """Run the stage; until issue 5 lands this reports that it is not available."""
+        with slicer.util.tryWithErrorDisplay(_("Failed to predict the dose."), waitCursor=True):
+            parameters = self._parameterNode
+            self.logic.predictDose(parameters.inputVolume, parameters.inputSegmentation, parameters.outputDose,
+                                   parameters.modelId)
+
+
+#
+# DosePredictLogic
+#
+
+
+class DosePredictLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
+    """All computation of DosePredict; usable without the GUI (batch mode, tests).
+
+    Loading a case (``importCase``, ``loadSampleCase``, ``caseToScene``, ``sceneToCase``) comes from
+    :class:`TwinRTCommon.logic.CaseLogicMixin`, so every module shares the one MRML contract.
+    Uses ScriptedLoadableModuleLogic base class, available at:
+    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    """
+
+    stageName = "dose prediction"
+    stageIssue = "5"
+
+    def __init__(self) -> None:
+        """Called when the logic class is instantiated. Can be used for initializing member variables."""
+        ScriptedLoadableModuleLogic.__init__(self)
+
+    def getParameterNode(self):
+        return DosePredictParameterNode(super().getParameterNode())
+
+    def stageStatusText(self) -> str:
+        """The text of the module panel's status label."""
+        return _("Not available yet: {stage} is built by issue {issue}.").format(
+            stage=self.stageName, issue=self.stageIssue)
+
+    def predictDose(self, ctVolume, segmentation, outputDose=None, modelId: str = ""):
+        """Predict the dose (Gy) of a plan for this CT and these structures.
+
+        :param ctVolume: the planning CT (``vtkMRMLScalarVolumeNode``, HU).
+        :param segmentation: the structures; must reference ``ctVolume``.
+        :param outputDose: volume to fill; a new dose volume when None.
+        :param modelId: model from ``Resources/models.json``; empty selects the default.
+        :return: the dose volume (tagged ``DicomRtImport.DoseVolume``).
+        :raises InvalidInputError: missing inputs; :raises GeometryError: structures not on the CT.
+        :raises StageNotAvailableError: always, until issue 5 builds the dose prediction stage.
+        """
+        checkCtVolume(ctVolume, _("planning CT"))
+        checkSegmentation(segmentation, ctVolume)
+        raise self.stageNotAvailable()
+
+
+#
+# DosePredictTest
+#
+
+
+class DosePredictTest(ScriptedLoadableModuleTest):
+    """Logic tests on a tiny synthetic case built in memory; they run in Slicer and headless.
+
+    Uses ScriptedLoadableModuleTest base class, available at:
+    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    """
+
+    def setUp(self):
+        """Start every test from an empty scene."""
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        """Run all tests of this module."""
+        for test in (self.test_DosePredictCaseToScene, self.test_DosePredictStageNotAvailable,
+                     self.test_DosePredictBadInputLeavesSceneUnchanged, self.test_DosePredictParameterNode):
+            self.setUp()
+            test()
+
+    def test_DosePredictCaseToScene(self):
+        """A case goes into the scene through this module's Logic following the MRML contract."""
+        from TwinRTCommon.testing import assertCaseInScene, makeSyntheticCase
+
+        self.delayDisplay("Case to scene")
+        logic = DosePredictLogic()
+        case = makeSyntheticCase()
+        created = logic.caseToScene(case)
+        assertCaseInScene(self, created, case, slicer.mrmlScene)
+        back = logic.sceneToCase()
+        self.assertEqual(back.patient_id, case.patient_id)
+        for original, reloaded in zip(case.structures, back.structures):
+            self.assertEqual(original.name, reloaded.name)
+            self.assertTrue((original.mask == reloaded.mask).all(), original.name)
+        self.delayDisplay("Test passed")
+
+    def test_DosePredictStageNotAvailable(self):
+        """The stage method says plainly that it is not built yet, and changes nothing."""
+        from TwinRTCommon import mrmlio
+        from TwinRTCommon.testing import makeSyntheticCase
+        from twinrt.errors import InvalidInputError, StageNotAvailableError
+
+        self.delayDisplay("Stage not available")
+        logic = DosePredictLogic()
+        created = logic.caseToScene(makeSyntheticCase())
+        before = mrmlio.nodeIds(slicer.mrmlScene)
+        with self.assertRaises(StageNotAvailableError) as context:
+            logic.predictDose(created["ct"], created["segmentation"])
+        self.assertIn("issue 5", str(context.exception))
+        with self.assertRaises(InvalidInputError):
+            logic.predictDose(created["ct"], None)
+        self.assertEqual(mrmlio.nodeIds(slicer.mrmlScene), before)
+        self.delayDisplay("Test passed")
+
+    def test_DosePredictBadInputLeavesSceneUnchanged(self):
+        """A dose with NaN voxels raises DoseError and leaves the scene as it was."""
+        from TwinRTCommon.testing import assertBadInputLeavesSceneUnchanged, makeSyntheticCase
+
+        self.delayDisplay("Bad input")
+        logic = DosePredictLogic()
+        logic.caseToScene(makeSyntheticCase("Existing"))  # a scene with content, which must survive
+        assertBadInputLeavesSceneUnchanged(self, logic, slicer.mrmlScene)
+        self.delayDisplay("Test passed")
+
+    def test_DosePredictParameterNode(self):
+        """The parameter node is a scene singleton and keeps typed values and node references."""
+        from TwinRTCommon.testing import makeSyntheticCase
+
+        self.delayDisplay("Parameter node")
+        logic = DosePredictLogic()
+        created = logic.caseToScene(makeSyntheticCase())
+        parameters = logic.getParameterNode()
+        parameters.inputVolume = created["ct"]
+        parameters.inputSegmentation = created["segmentation"]
+        again = logic.getParameterNode()
+        self.assertIs(again.parameterNode, parameters.parameterNode)
+        self.assertEqual(again.inputVolume.GetID(), created["ct"].GetID())
+        self.assertEqual(again.inputSegmentation.GetID(), created["segmentation"].GetID())
+        self.assertEqual(again.modelId, "")
+        self.delayDisplay("Test passed")
