@@ -21,9 +21,6 @@ from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
 from TwinRTCommon.logic import CaseLogicMixin, checkCtVolume
 
-#: Shown in the help text and, persistently, in the module panel (STYLE.md section 8).
-RESEARCH_USE_ONLY = "Research use only, not for clinical decisions."
-
 
 #
 # AutoContour
@@ -44,9 +41,10 @@ class AutoContour(ScriptedLoadableModule):
         self.parent.contributors = ["TwinRT contributors"]
         self.parent.helpText = _("""
 <b>Research use only, not for clinical decisions.</b><br>
-Segments organs at risk and targets on the planning CT with an AI model and writes them as a segmentation that references the CT.
-The stage is not available yet (issue 6): the module can load a case (sample patient or DICOM
-folder) and shows it in the TwinRT scene layout, but <i>Apply</i> reports that the stage is missing.
+Segments organs at risk and targets on the planning CT with an AI model and writes them as a
+segmentation that references the CT.
+<br>The stage is not available yet (issue 6): the module loads a case (sample patient or DICOM
+folder) into the scene, but <i>Apply</i> reports that the stage is missing.
 """)
         self.parent.acknowledgementText = _("""
 Part of the TwinRT extension suite. The sample patient is from the OpenKBP data set (Babier et al.,
@@ -153,8 +151,9 @@ class AutoContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self) -> None:
         """Ensure the parameter node exists and is observed; preselect the obvious inputs."""
         self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.inputVolume:
-            self._parameterNode.inputVolume = self.logic.findCtVolume()
+        parameters = self._parameterNode
+        if not parameters.inputVolume:
+            parameters.inputVolume = self.logic.findCtVolume()
 
     def setParameterNode(self, inputParameterNode: Optional[AutoContourParameterNode]) -> None:
         """Bind the GUI to ``inputParameterNode`` (widgets carry SlicerParameterName properties)."""
@@ -168,9 +167,14 @@ class AutoContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._checkCanApply()
 
     def _checkCanApply(self, caller=None, event=None) -> None:
-        ready = bool(self._parameterNode and self._parameterNode.inputVolume)
+        parameters = self._parameterNode
+        ready = bool(parameters and parameters.inputVolume)
         self.ui.applyButton.enabled = ready
-        self.ui.applyButton.toolTip = _("Contour the selected CT.") if ready else _("Select the planning CT.")
+        # Say what is missing rather than leaving a greyed-out button unexplained.
+        if ready:
+            self.ui.applyButton.toolTip = _("Contour the selected CT.")
+        else:
+            self.ui.applyButton.toolTip = _("Select the planning CT.")
 
     def onLoadSampleButton(self) -> None:
         """Load the bundled sample patient through the TwinRT case path."""
@@ -221,16 +225,6 @@ class AutoContourLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         """The text of the module panel's status label."""
         return _("Not available yet: {stage} is built by issue {issue}.").format(
             stage=self.stageName, issue=self.stageIssue)
-
-    def findCtVolume(self):
-        """The CT of the scene (for preselection), or None when there is none or several."""
-        from TwinRTCommon import mrmlio
-        from twinrt.errors import InvalidInputError
-
-        try:
-            return mrmlio.findCtVolume(slicer.mrmlScene)
-        except InvalidInputError:
-            return None
 
     def segmentCT(self, inputVolume, outputSegmentation=None, modelId: str = ""):
         """Contour organs and targets on a CT.

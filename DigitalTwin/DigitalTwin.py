@@ -21,9 +21,6 @@ from slicer import vtkMRMLScalarVolumeNode
 
 from TwinRTCommon.logic import CaseLogicMixin, checkCtVolume, checkDoseVolume
 
-#: Shown in the help text and, persistently, in the module panel (STYLE.md section 8).
-RESEARCH_USE_ONLY = "Research use only, not for clinical decisions."
-
 
 #
 # DigitalTwin
@@ -44,9 +41,10 @@ class DigitalTwin(ScriptedLoadableModule):
         self.parent.contributors = ["TwinRT contributors"]
         self.parent.helpText = _("""
 <b>Research use only, not for clinical decisions.</b><br>
-Follows the treatment course fraction by fraction: anatomy changes and delivered dose are kept as a sequence indexed by fraction, for review and for ToxicityMonitor.
-The stage is not available yet (issue 7): the module can load a case (sample patient or DICOM
-folder) and shows it in the TwinRT scene layout, but <i>Apply</i> reports that the stage is missing.
+Follows the treatment course fraction by fraction: anatomy changes and delivered dose are kept as a
+sequence indexed by fraction, for review and for ToxicityMonitor.
+<br>The stage is not available yet (issue 7): the module loads a case (sample patient or DICOM
+folder) into the scene, but <i>Apply</i> reports that the stage is missing.
 """)
         self.parent.acknowledgementText = _("""
 Part of the TwinRT extension suite. The sample patient is from the OpenKBP data set (Babier et al.,
@@ -153,8 +151,9 @@ class DigitalTwinWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self) -> None:
         """Ensure the parameter node exists and is observed; preselect the obvious inputs."""
         self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.inputVolume:
-            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        parameters = self._parameterNode
+        if not parameters.inputVolume:
+            parameters.inputVolume = self.logic.findCtVolume()
 
     def setParameterNode(self, inputParameterNode: Optional[DigitalTwinParameterNode]) -> None:
         """Bind the GUI to ``inputParameterNode`` (widgets carry SlicerParameterName properties)."""
@@ -168,9 +167,14 @@ class DigitalTwinWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._checkCanApply()
 
     def _checkCanApply(self, caller=None, event=None) -> None:
-        ready = bool(self._parameterNode and self._parameterNode.inputVolume and self._parameterNode.inputDose)
+        parameters = self._parameterNode
+        ready = bool(parameters and parameters.inputVolume and parameters.inputDose)
         self.ui.applyButton.enabled = ready
-        self.ui.applyButton.toolTip = _("Simulate the treatment course.") if ready else _("Select the planning CT and the planned dose.")
+        # Say what is missing rather than leaving a greyed-out button unexplained.
+        if ready:
+            self.ui.applyButton.toolTip = _("Simulate the treatment course.")
+        else:
+            self.ui.applyButton.toolTip = _("Select the planning CT and the planned dose.")
 
     def onLoadSampleButton(self) -> None:
         """Load the bundled sample patient through the TwinRT case path."""

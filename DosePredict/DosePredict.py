@@ -21,9 +21,6 @@ from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
 from TwinRTCommon.logic import CaseLogicMixin, checkCtVolume, checkSegmentation
 
-#: Shown in the help text and, persistently, in the module panel (STYLE.md section 8).
-RESEARCH_USE_ONLY = "Research use only, not for clinical decisions."
-
 
 #
 # DosePredict
@@ -44,9 +41,10 @@ class DosePredict(ScriptedLoadableModule):
         self.parent.contributors = ["TwinRT contributors"]
         self.parent.helpText = _("""
 <b>Research use only, not for clinical decisions.</b><br>
-Predicts a 3D dose distribution (Gy) from the planning CT and its structures; the result is a dose volume that SlicerRT's DVH, Isodose and RTDOSE export accept.
-The stage is not available yet (issue 5): the module can load a case (sample patient or DICOM
-folder) and shows it in the TwinRT scene layout, but <i>Apply</i> reports that the stage is missing.
+Predicts a 3D dose distribution (Gy) from the planning CT and its structures; the result is a dose
+volume that SlicerRT's DVH, Isodose and RTDOSE export accept.
+<br>The stage is not available yet (issue 5): the module loads a case (sample patient or DICOM
+folder) into the scene, but <i>Apply</i> reports that the stage is missing.
 """)
         self.parent.acknowledgementText = _("""
 Part of the TwinRT extension suite. The sample patient is from the OpenKBP data set (Babier et al.,
@@ -155,8 +153,9 @@ class DosePredictWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self) -> None:
         """Ensure the parameter node exists and is observed; preselect the obvious inputs."""
         self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.inputVolume:
-            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        parameters = self._parameterNode
+        if not parameters.inputVolume:
+            parameters.inputVolume = self.logic.findCtVolume()
 
     def setParameterNode(self, inputParameterNode: Optional[DosePredictParameterNode]) -> None:
         """Bind the GUI to ``inputParameterNode`` (widgets carry SlicerParameterName properties)."""
@@ -170,9 +169,14 @@ class DosePredictWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._checkCanApply()
 
     def _checkCanApply(self, caller=None, event=None) -> None:
-        ready = bool(self._parameterNode and self._parameterNode.inputVolume and self._parameterNode.inputSegmentation)
+        parameters = self._parameterNode
+        ready = bool(parameters and parameters.inputVolume and parameters.inputSegmentation)
         self.ui.applyButton.enabled = ready
-        self.ui.applyButton.toolTip = _("Predict the dose.") if ready else _("Select the planning CT and its structures.")
+        # Say what is missing rather than leaving a greyed-out button unexplained.
+        if ready:
+            self.ui.applyButton.toolTip = _("Predict the dose.")
+        else:
+            self.ui.applyButton.toolTip = _("Select the planning CT and its structures.")
 
     def onLoadSampleButton(self) -> None:
         """Load the bundled sample patient through the TwinRT case path."""

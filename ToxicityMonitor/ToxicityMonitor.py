@@ -21,9 +21,6 @@ from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTabl
 
 from TwinRTCommon.logic import CaseLogicMixin, checkDoseVolume, checkSegmentation
 
-#: Shown in the help text and, persistently, in the module panel (STYLE.md section 8).
-RESEARCH_USE_ONLY = "Research use only, not for clinical decisions."
-
 
 #
 # ToxicityMonitor
@@ -44,9 +41,10 @@ class ToxicityMonitor(ScriptedLoadableModule):
         self.parent.contributors = ["TwinRT contributors"]
         self.parent.helpText = _("""
 <b>Research use only, not for clinical decisions.</b><br>
-Estimates normal-tissue complication probabilities from the dose-volume histograms of the organs at risk and reports them as a table (one row per organ and fraction) and a chart.
-The stage is not available yet (issue 8): the module can load a case (sample patient or DICOM
-folder) and shows it in the TwinRT scene layout, but <i>Apply</i> reports that the stage is missing.
+Estimates normal-tissue complication probabilities from the dose-volume histograms of the organs at
+risk and reports them as a table (one row per organ and fraction) and a chart.
+<br>The stage is not available yet (issue 8): the module loads a case (sample patient or DICOM
+folder) into the scene, but <i>Apply</i> reports that the stage is missing.
 """)
         self.parent.acknowledgementText = _("""
 Part of the TwinRT extension suite. The sample patient is from the OpenKBP data set (Babier et al.,
@@ -153,8 +151,9 @@ class ToxicityMonitorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self) -> None:
         """Ensure the parameter node exists and is observed; preselect the obvious inputs."""
         self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.inputSegmentation:
-            self._parameterNode.inputSegmentation = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
+        parameters = self._parameterNode
+        if not parameters.inputSegmentation:
+            parameters.inputSegmentation = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
 
     def setParameterNode(self, inputParameterNode: Optional[ToxicityMonitorParameterNode]) -> None:
         """Bind the GUI to ``inputParameterNode`` (widgets carry SlicerParameterName properties)."""
@@ -168,9 +167,14 @@ class ToxicityMonitorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._checkCanApply()
 
     def _checkCanApply(self, caller=None, event=None) -> None:
-        ready = bool(self._parameterNode and self._parameterNode.inputDose and self._parameterNode.inputSegmentation)
+        parameters = self._parameterNode
+        ready = bool(parameters and parameters.inputDose and parameters.inputSegmentation)
         self.ui.applyButton.enabled = ready
-        self.ui.applyButton.toolTip = _("Estimate the toxicity risks.") if ready else _("Select the dose and the organs at risk.")
+        # Say what is missing rather than leaving a greyed-out button unexplained.
+        if ready:
+            self.ui.applyButton.toolTip = _("Estimate the toxicity risks.")
+        else:
+            self.ui.applyButton.toolTip = _("Select the dose and the organs at risk.")
 
     def onLoadSampleButton(self) -> None:
         """Load the bundled sample patient through the TwinRT case path."""

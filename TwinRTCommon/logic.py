@@ -73,6 +73,20 @@ class CaseLogicMixin:
         return mrmlio.sceneToCase(scene if scene is not None else slicer.mrmlScene, ctVolumeNode,
                                   segmentationNode)
 
+    def findCtVolume(self, scene=None):
+        """The scene's CT for preselection in the GUI, or None when there is none or several.
+
+        :param scene: the MRML scene; default ``slicer.mrmlScene``.
+        """
+        from twinrt.errors import InvalidInputError
+
+        from TwinRTCommon import mrmlio
+
+        try:
+            return mrmlio.findCtVolume(scene if scene is not None else slicer.mrmlScene)
+        except InvalidInputError:  # MissingInputError is one too: nothing to preselect
+            return None
+
     def stageNotAvailable(self) -> StageNotAvailableError:
         """The error a module raises while its stage is not built; its text names the issue."""
         return StageNotAvailableError(

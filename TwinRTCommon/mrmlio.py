@@ -314,6 +314,8 @@ def _caseToScene(case: Case, scene, doseName, computeDvh, progress) -> dict[str,
     result: dict[str, Any] = {"doses": {}, "segmentIds": {}, "segmentation": None}
 
     report(progress, 0.0, "Creating patient and study")
+    # Patient and study items are created explicitly: headless there is no DICOM plugin to do it,
+    # and SlicerRT finds the dose unit by walking up from a dose to its study.
     patientName = str(case.metadata.get("patient_name") or case.patient_id)
     patientItem = sh.CreateSubjectItem(sh.GetSceneItemID(), patientName)
     sh.SetItemAttribute(patientItem, constants.GetDICOMPatientIDAttributeName(), case.patient_id)
@@ -324,6 +326,7 @@ def _caseToScene(case: Case, scene, doseName, computeDvh, progress) -> dict[str,
     if studyUid:
         sh.SetItemAttribute(studyItem, constants.GetDICOMStudyInstanceUIDAttributeName(), str(studyUid))
         sh.SetItemUID(studyItem, constants.GetDICOMUIDName(), str(studyUid))
+    # Case metadata rides on the study as JSON so that sceneToCase can give it back after a reload.
     metadataText, skipped = _encodeMetadata(case.metadata)
     sh.SetItemAttribute(studyItem, CASE_METADATA_ATTRIBUTE, metadataText)
     sh.SetItemAttribute(studyItem, RESEARCH_USE_ATTRIBUTE, twinrt.RESEARCH_USE_ONLY)
@@ -337,6 +340,7 @@ def _caseToScene(case: Case, scene, doseName, computeDvh, progress) -> dict[str,
     result.update(patientItem=patientItem, studyItem=studyItem)
 
     report(progress, 0.1, "Creating CT volume")
+    # Node names carry the patient ID so several patients can share a scene without confusion.
     ct = _addVolume(scene, f"{case.patient_id} {case.ct.modality}", case.ct.array, case.ct.grid)
     _tagNode(ct, ROLE_CT, source)
     ct.SetAttribute(PATIENT_ID_ATTRIBUTE, case.patient_id)
@@ -378,6 +382,7 @@ def _caseToScene(case: Case, scene, doseName, computeDvh, progress) -> dict[str,
         result["doses"][name] = doseNode
     result["doseColorTable"] = doseColorTable
     if case.doses:
+        # Where qSlicerAbstractDoseEngine::addResultDose puts the unit: on the study, not the volume.
         sh.SetItemAttribute(studyItem, DOSE_UNIT_NAME_ATTRIBUTE, "Gy")
         sh.SetItemAttribute(studyItem, DOSE_UNIT_VALUE_ATTRIBUTE, "1.0")
 
@@ -402,6 +407,8 @@ def _addSegmentation(scene, case: Case, ct, source: str):
         if not structure.grid.is_same(ctGrid):
             raise GeometryError(f"Structure '{structure.name}' is on a grid other than the CT's; "
                                 "resample it to the CT grid (Structure.on_grid) before adding it")
+        # Building the labelmap in memory (not as a temporary labelmap node) keeps the scene clean
+        # even if Slicer rejects a segment halfway.
         image = logic.CreateOrientedImageDataFromVolumeNode(ct)
         image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
         voxels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
@@ -434,6 +441,8 @@ def _addDvh(scene, case: Case, doseName: str, created: dict, source: str) -> dic
     studyItem = created["studyItem"]
     doseNode = created["doses"][doseName]
     segmentation = created["segmentation"]
+    # Metrics come from the core (exact on voxels), not from SlicerRT's DVH logic, which is not
+    # available headless; the tables follow SlicerRT's layout so its DVH module can show them.
     rows = dvh.dvh_metrics(case, doseName)
 
     metrics = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{case.patient_id} DVH metrics ({doseName})")
@@ -457,6 +466,8 @@ def _addDvh(scene, case: Case, doseName: str, created: dict, source: str) -> dic
     for structure in case.structures:
         if structure.name not in rowOf:
             continue  # empty structures have no DVH (twinrt.dvh skips them too)
+        # The dose is resampled onto the structure's grid, never the mask onto the dose grid, so
+        # small organs keep their volume (see twinrt.dvh).
         curve = dvh.structure_dvh(dose, structure, bin_width_gy=DVH_CURVE_BIN_WIDTH_GY)
         table = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{structure.name}_DvhTable")
         _tagNode(table, ROLE_DVH_TABLE, source)
@@ -507,6 +518,7 @@ def fillTable(tableNode, rows: list[dict]) -> None:
         keys += [k for k in row if k not in keys]
     table = tableNode.GetTable()
     for key in keys:
+        # Typed columns (not all text) so plots and the table view sort numbers as numbers.
         isText = any(isinstance(row.get(key), str) for row in rows)
         column = vtk.vtkStringArray() if isText else vtk.vtkDoubleArray()
         column.SetName(key)
@@ -562,6 +574,8 @@ def findCtVolume(scene):
     """
     volumes = [n for n in _nodesByClass(scene, "vtkMRMLScalarVolumeNode")
                if not n.IsA("vtkMRMLLabelMapVolumeNode") and not isDoseVolumeNode(n)]
+    # Scenes written by caseToScene say which volume is the CT; scenes loaded by SlicerRT's DICOM
+    # import do not, and then the only non-dose volume is the CT.
     tagged = [n for n in volumes if n.GetAttribute(ROLE_ATTRIBUTE) == ROLE_CT]
     candidates = tagged or volumes
     if not candidates:
@@ -592,6 +606,8 @@ def findSegmentation(scene, ctVolumeNode):
     segmentations = _nodesByClass(scene, "vtkMRMLSegmentationNode")
     if not segmentations:
         return None
+    # A segmentation that references another volume may be on another grid; guessing would
+    # silently shift structures, so it is an error instead.
     referencing = [s for s in segmentations if _segmentationReferencesVolume(s, ctVolumeNode)]
     if not referencing:
         names = ", ".join(s.GetName() for s in segmentations)
@@ -653,6 +669,7 @@ def sceneToCase(scene=None, ctVolumeNode=None, segmentationNode=None) -> Case:
         raise InvalidInputError(f"'{ct.GetName()}' is not a CT volume; select the planning CT")
     _checkNoTransform(ct)
     ctGrid = volumeGrid(ct)
+    # arrayFromVolume is a view on VTK memory; copy so the case outlives the node.
     ctArray = np.array(slicer.util.arrayFromVolume(ct), copy=True)
     image = Image(ctArray, ctGrid, ct.GetAttribute(MODALITY_ATTRIBUTE) or "CT")
 
@@ -669,6 +686,7 @@ def sceneToCase(scene=None, ctVolumeNode=None, segmentationNode=None) -> Case:
             segmentId = segmentation.GetNthSegmentID(index)
             segment = segmentation.GetSegment(segmentId)
             name = segment.GetName()
+            # The tag holds the enum name; segments made in Segment Editor have none, so guess.
             typeName = vtk.reference("")
             if segment.GetTag(STRUCTURE_TYPE_TAG, typeName) and str(typeName) in StructureType.__members__:
                 stype = StructureType[str(typeName)]
@@ -683,6 +701,7 @@ def sceneToCase(scene=None, ctVolumeNode=None, segmentationNode=None) -> Case:
     scale = _doseScale(unit)
     doses = {}
     for node in _nodesByClass(scene, "vtkMRMLScalarVolumeNode"):
+        # Doses of other studies belong to other patients; unparented doses are accepted.
         if not isDoseVolumeNode(node) or (studyItem and _studyItemOf(sh, node) not in (studyItem, 0)):
             continue
         _checkNoTransform(node)
@@ -779,6 +798,7 @@ def loadSceneMrb(path: str | os.PathLike, scene=None):
         from TwinRTCommon import scene as sceneFactory
 
         scene = slicer.mrmlScene if sceneFactory.isRealSlicer() else sceneFactory.makeScene()[0]
+    # clear=True: a bundle is a whole scene; merging two would duplicate singletons and IDs.
     if not scene.ReadFromMRB(str(path), True):
         raise InvalidInputError(f"{path} is not a readable Slicer scene bundle; re-save it from Slicer")
     return scene
@@ -794,6 +814,7 @@ def importCaseFolder(folder: str | os.PathLike, scene=None, **kwargs) -> tuple[C
     """
     from twinrt.dicom.folder import import_case
 
+    # Import first: a DICOM error then leaves the scene untouched without needing a rollback.
     case = import_case(Path(folder))
     return case, caseToScene(case, scene, **kwargs)
 

@@ -81,7 +81,8 @@ def assertCaseInScene(testCase, created: dict, case: Case, scene) -> None:
         testCase.assertTrue(mrmlio.isDoseVolumeNode(doseNode))
         testCase.assertEqual(doseNode.GetAttribute("DicomRtImport.DoseVolume"), "1")
         testCase.assertEqual(doseNode.GetDisplayNode().GetColorNode().GetName(), "Dose_ColorTable")
-        testCase.assertAlmostEqual(float(slicer.util.arrayFromVolume(doseNode).max()), case.doses[name].max_gy, places=4)
+        testCase.assertAlmostEqual(float(slicer.util.arrayFromVolume(doseNode).max()), case.doses[name].max_gy,
+                                   places=4)
 
     sh = scene.GetSubjectHierarchyNode()
     study = created["studyItem"]

@@ -19,6 +19,7 @@ RESEARCH_USE = "Research use only, not for clinical decisions"
 
 def checkRunTestCoversMethods(testClass) -> None:
     """``runTest`` calls every ``test_*`` method (Slicer's ctest only runs ``runTest``)."""
+    # Slicer's ctest calls runTest only; a test method it forgets would never run in Slicer.
     source = inspect.getsource(testClass.runTest)
     for name in testClass.__dict__:
         if name.startswith("test_"):
@@ -29,6 +30,7 @@ def checkModuleDescriptor(module, moduleName: str) -> None:
     """Title, ``Radiotherapy.AI`` category, research-use help, and the startup sample-data hook."""
     import slicer
 
+    # Slicer passes a qSlicerScriptedLoadableModule; a namespace takes the same attributes.
     parent = types.SimpleNamespace()
     descriptor = getattr(module, moduleName)(parent)
     assert parent.title == moduleName
@@ -64,11 +66,13 @@ def checkUiFile(moduleName: str, parameterNames: list[str], issueText: str) -> N
     for name, widget in widgets.items():
         for prop in widget.findall("property"):
             if prop.get("name") == "SlicerParameterName":
+                # connectGui only sees dynamic properties (stdset="0"), like Designer writes them.
                 assert prop.get("stdset") == "0", f"{name}: SlicerParameterName must be a dynamic property"
                 bound[prop.findtext("string")] = widget
     assert sorted(bound) == sorted(parameterNames), f"bound {sorted(bound)} != parameters {sorted(parameterNames)}"
     combos = [w for w in widgets.values() if w.get("class") == "qMRMLNodeComboBox"]
     assert combos, "expected node selectors"
+    # Without this connection a selector has no scene and stays empty in Slicer.
     receivers = {c.findtext("receiver") for c in root.iter("connection")
                  if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"}
     for combo in combos:

@@ -59,6 +59,7 @@ class _Inert:
         return _Inert()
 
     def __bool__(self):
+        # Falsy, so code that tests for a widget ("if self.ui:") takes the headless path.
         return False
 
 
@@ -125,6 +126,7 @@ def _makeScriptedLoadableModule() -> types.ModuleType:
             self.isSingletonParameterNode = True
 
         def getParameterNode(self):
+            # As in Slicer: the singleton tag is the module name, so a reloaded scene finds its node.
             if self.isSingletonParameterNode:
                 node = slicer.mrmlScene.GetSingletonNode(self.moduleName, "vtkMRMLScriptedModuleNode")
                 if node:
@@ -229,6 +231,7 @@ def parameterNodeWrapper(cls):
     Each annotated class attribute becomes a property: nodes are stored as node references named
     after the attribute, everything else as text parameters (enums by member *name*, as Slicer does).
     """
+    # include_extras keeps Annotated[...] so WithinRange and Default survive, as in Slicer.
     hints = typing.get_type_hints(cls, include_extras=True)
     fields = {}
     for name, hint in hints.items():
@@ -245,6 +248,7 @@ def parameterNodeWrapper(cls):
         base, _validators, _default = fields[name]
         node = self.parameterNode
         if _isNodeType(base):
+            # Node references (not IDs in parameters) so that scene import renames them correctly.
             return node.GetNodeReference(name)
         text = node.GetParameter(name)
         if base is bool:
@@ -314,6 +318,7 @@ def installStandIns() -> None:
 
     if isRealSlicer():
         raise RuntimeError("slicer_harness is for headless slicer-core; inside Slicer run the module tests")
+    # setdefault-style: never shadow a real qt/ctk if some environment does provide them.
     for name in ("qt", "ctk"):
         if name not in sys.modules:
             sys.modules[name] = _InertModule(name)
@@ -337,6 +342,7 @@ def newScene():
     installStandIns()
     from TwinRTCommon.scene import installApplicationStandIns, makeScene
 
+    # A new scene per test: Clear() would keep singletons (parameter nodes) between tests.
     scene, logics = makeScene()
     return installApplicationStandIns(scene, logics)
 
