@@ -13,12 +13,22 @@ the *upper* edge of the highest / lowest non-empty bin, D_x is the bin whose cum
 nearest to x (no interpolation), mean uses bin centres.
 
 Agreement criterion: ``|twinrt - dicompyler| <= 1 % of the dicompyler value + 0.01 Gy`` for every
-dose metric (mean, max, min, D98/D95/D50/D2, D2cc), and 1 % for the volume. The 0.01 Gy is one
-dicompyler bin: its max and min are bin edges, so a relative tolerance alone would fail a 0 Gy
-minimum reported as 0.01 Gy. D0.1cc is compared with a one-voxel volume tolerance instead: 0.1 cc
-is only 3-4 voxels, and twinrt rounds the volume up to whole voxels while dicompyler takes the
-nearest bin, so the two definitions legitimately pick neighbouring voxels; dicompyler's D0.1cc must
-lie within twinrt's D(0.1 cc +- one voxel) (+ one bin). The raw percentage is printed.
+dose metric (mean, max, min, D98/D95/D50/D2 of targets, D2cc and D0.1cc of the other structures),
+and 1 % for the volume. The 0.01 Gy is one dicompyler bin: its max and min are bin edges, so a
+relative tolerance alone would fail a 0 Gy minimum reported as 0.01 Gy (or a 0.08 Gy mean).
+
+A D metric that misses this is accepted (marked ``convention`` in the table) only when the *same*
+DVH read with dicompyler's convention agrees (:func:`_read_like_dicompyler`): twinrt's D_V is where
+the step DVH crosses V, dicompyler's the lower end of the nearest cumulative-volume plateau. They
+differ wherever neighbouring voxel doses are far apart: D0.1cc (1-3 voxels of an OpenKBP grid),
+and occasionally D2cc or D98 in a steep gradient. On all 33 OpenKBP validation patients (1760
+structure-metric values) this happened for 33 of 176 D0.1cc values (up to 17 %: 2.41 vs 2.06 Gy in
+a low-dose brainstem; 7.7 % at 21 Gy), 4 of 176 D2cc (up to 6.3 %) and 2 of 88 D98 (up to 2 %);
+every other value agreed within 1 % + 0.01 Gy, and every volume within 0.31 %.
+
+dicompyler-core also rounds contour z positions to 0.01 mm (``GetStructureCoordinates``) and takes
+the smallest plane spacing as the slice thickness, so on a 3.27 mm CT (OpenKBP pt_221) every
+volume comes out 0.31 % low (3.26 mm); this stays within the 1 %.
 
 Like for like: the two tools agree to within bin rounding only when they sample the same points.
 
@@ -157,15 +167,40 @@ def _dicompyler_metrics(ref, target: bool) -> dict[str, float]:
     return m
 
 
-def _agrees(key: str, ours: float, theirs: float, dvh: DVH) -> bool:
+#: Volume of each D metric: (value, True) in % of the structure, (value, False) in cc.
+_D_METRICS = {"d98_gy": (98.0, True), "d95_gy": (95.0, True), "d50_gy": (50.0, True), "d2_gy": (2.0, True),
+              "d2cc_gy": (2.0, False), "d0_1cc_gy": (0.1, False)}
+
+
+def _read_like_dicompyler(dvh: DVH, volume: float, percent: bool) -> float:
+    """D at ``volume`` read from twinrt's voxel doses the way dicompyler-core reads its DVH.
+
+    dicompyler-core (``DVH.dose_constraint``) histograms in 1 cGy bins and returns the lower edge
+    of the first bin whose cumulative volume is nearest to the requested volume, without
+    interpolation. Where the cumulative curve has a plateau (a dose gap between neighbouring
+    voxels, common for D0.1cc, which is 1-3 voxels) that is the *low* end of the plateau, whereas
+    twinrt's D_V (the highest dose with V_d >= V) is where the curve crosses V.
+    """
+    cgy = dvh.voxel_doses_gy * 100.0
+    n_bins = int(cgy[-1]) + 1
+    counts, _ = np.histogram(cgy, bins=n_bins, range=(0, n_bins))
+    cumulative = np.cumsum(counts[::-1])[::-1] * dvh.voxel_volume_cc
+    wanted = volume / 100.0 * cumulative[0] if percent else volume
+    return float(np.argmin(np.abs(cumulative - wanted))) / 100.0
+
+
+def _agreement(key: str, ours: float, theirs: float, dvh: DVH) -> str:
+    """``"yes"`` within tolerance, ``"convention"`` when only dicompyler's D reading agrees, ``"NO"``."""
     if key == "volume_cc":
-        return abs(ours - theirs) <= RELATIVE_TOL * theirs
-    if key == "d0_1cc_gy":
-        # One voxel of volume either way (see the module docstring), plus one dicompyler bin.
-        lo = float(dvh.dose_at_volume_cc(0.1 + dvh.voxel_volume_cc))
-        hi = float(dvh.dose_at_volume_cc(max(0.1 - dvh.voxel_volume_cc, 0.0)))
-        return lo - BIN_GY - 1e-6 <= theirs <= hi + BIN_GY + 1e-6
-    return abs(ours - theirs) <= RELATIVE_TOL * abs(theirs) + BIN_GY + 1e-6
+        return "yes" if abs(ours - theirs) <= RELATIVE_TOL * theirs else "NO"
+    if abs(ours - theirs) <= RELATIVE_TOL * abs(theirs) + BIN_GY + 1e-6:
+        return "yes"
+    if key in _D_METRICS:
+        # Same DVH, different definition of D_V: read twinrt's DVH with dicompyler's convention.
+        same_dvh = _read_like_dicompyler(dvh, *_D_METRICS[key])
+        if abs(same_dvh - theirs) <= RELATIVE_TOL * abs(theirs) + BIN_GY + 1e-6:
+            return "convention"
+    return "NO"
 
 
 def _export_import(case: Case, tmp_path: Path) -> tuple[Path, Case]:
@@ -187,6 +222,7 @@ def _compare(folder: Path, imported: Case, dvhcalc, sampling: str, assert_agreem
           + ("" if assert_agreement else "; for information, NOT asserted"))
     print(f"{'structure':<14}{'metric':<11}{'dicompyler':>11}{'twinrt':>11}{'diff %':>9}  ok")
     worst: dict[str, float] = {}
+    verdicts: dict[str, int] = {}
     failures = []
     for structure in imported.structures:
         if structure.is_empty:
@@ -198,12 +234,14 @@ def _compare(folder: Path, imported: Case, dvhcalc, sampling: str, assert_agreem
         for key, value in ours.items():
             other = theirs[key]
             pct = 100.0 * (value - other) / other if other else (0.0 if value == other else math.inf)
-            ok = _agrees(key, value, other, dvh)
+            verdict = _agreement(key, value, other, dvh)
             worst[key] = max(worst.get(key, 0.0), abs(pct))
-            print(f"{structure.name:<14}{key:<11}{other:>11.3f}{value:>11.3f}{pct:>+9.2f}  {'yes' if ok else 'NO'}")
-            if not ok:
+            verdicts[verdict] = verdicts.get(verdict, 0) + 1
+            print(f"{structure.name:<14}{key:<11}{other:>11.3f}{value:>11.3f}{pct:>+9.2f}  {verdict}")
+            if verdict == "NO":
                 failures.append(f"{structure.name} {key}: dicompyler {other:.4f}, twinrt {value:.4f} ({pct:+.2f} %)")
     print("max |diff| %: " + ", ".join(f"{k} {v:.2f}" for k, v in worst.items()))
+    print("verdicts: " + ", ".join(f"{k} {v}" for k, v in sorted(verdicts.items())))
     if assert_agreement:
         assert not failures, "twinrt and dicompyler-core disagree:\n" + "\n".join(failures)
 
