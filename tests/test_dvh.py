@@ -235,3 +235,12 @@ def test_dose_grid_sampling_uses_dose_points_inside_contours():
                    np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, -1.0]]))
     with pytest.raises(GeometryError, match="parallel"):
         structure_dvh(Dose(dose.array, rotated), box, sampling="dose")
+
+
+def test_conformity_needs_valid_dose_everywhere():
+    dose = np.full((6, 6, 6), 60.0, np.float32)
+    target = np.zeros(dose.shape, bool)
+    target[2:4, 2:4, 2:4] = True
+    dose[0, 0, 0] = np.nan  # outside the target, but inside the grid the PIV is counted over
+    with pytest.raises(DoseError):
+        conformity_indices(dose, target, 60.0, VOXEL_CC)

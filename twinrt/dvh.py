@@ -75,6 +75,8 @@ class DVH:
     """
 
     structure: Optional[str]
+    # Keeping every voxel dose (8 bytes per voxel; 1 MB for a 100 cc organ at 1 mm^3) is what makes
+    # the metrics exact and independent of the bin width.
     voxel_doses_gy: np.ndarray
     voxel_volume_cc: float
     bin_edges_gy: np.ndarray
@@ -99,6 +101,8 @@ class DVH:
     @property
     def differential_cc(self) -> np.ndarray:
         """Volume (cc) with dose in ``[edge[i], edge[i+1])``; sums to the total volume."""
+        # Differences of the cumulative curve rather than a second histogram: both then use the
+        # same edge tolerance, and the bins add up to the total volume exactly.
         return self.cumulative_cc[:-1] - self.cumulative_cc[1:]
 
     # ------------------------------------------------------------------ scalars
@@ -115,6 +119,7 @@ class DVH:
     @property
     def mean_gy(self) -> float:
         """Mean dose (Gy) over the structure's voxels."""
+        # Every voxel has the same volume, so the volume-weighted mean is the plain voxel mean.
         return float(self.voxel_doses_gy.mean())
 
     @property
@@ -142,6 +147,7 @@ class DVH:
         # Round the volume up to whole voxels; the small relative slack keeps 50% of 100 voxels
         # at 50 voxels although 0.5 * 100 * v / v may come out as 50.000000000000007.
         count = np.ceil(ratio - 1e-9 * np.maximum(ratio, 1.0)).astype(np.int64)
+        # Zero volume still means "the hottest voxel" (D0 = max); more than the structure means all.
         count = np.clip(count, 1, n)
         doses = self.voxel_doses_gy[n - count]  # ascending array: the count-th hottest voxel
         return float(doses) if doses.ndim == 0 else doses
@@ -163,6 +169,7 @@ class DVH:
         :param dose_gy: dose threshold in Gy (scalar or array).
         """
         d = np.asarray(dose_gy, dtype=float)
+        # Voxels below d (less the tolerance) are those left of the insertion point in the sorted array.
         below = np.searchsorted(self.voxel_doses_gy, d - DOSE_TOLERANCE_GY, side="left")
         vol = (self.n_voxels - below) * self.voxel_volume_cc
         return float(vol) if np.ndim(vol) == 0 else vol
@@ -179,26 +186,29 @@ class DVH:
 
         :return: the index, or ``nan`` when D50% is 0 Gy.
         """
+        # D2 and D98 rather than max and min: ICRU 83 uses near-max/min because single voxels are noisy.
         d2, d50, d98 = self.dose_at_volume_percent([2.0, 50.0, 98.0])
         return float((d2 - d98) / d50) if d50 > 0 else float("nan")
 
 
 # ---------------------------------------------------------------------- computation
 def _check_inputs(dose_gy: np.ndarray, mask: np.ndarray, voxel_volume_cc: float,
-                  bin_width_gy: float) -> None:
+                  bin_width_gy: Optional[float] = None) -> None:
+    # Shapes are all the arrays know of their grids; callers with Grid objects use structure_dvh.
     if np.shape(dose_gy) != np.shape(mask):
         raise GeometryError(
             f"Dose grid {np.shape(dose_gy)} and structure mask {np.shape(mask)} differ (k, j, i); "
             "resample the dose onto the structure grid first (Dose.resampled, or use structure_dvh)")
     if not (voxel_volume_cc > 0 and math.isfinite(voxel_volume_cc)):
         raise InvalidInputError(f"Voxel volume must be a positive number of cc, got {voxel_volume_cc!r}")
-    if not (bin_width_gy > 0 and math.isfinite(bin_width_gy)):
+    if bin_width_gy is not None and not (bin_width_gy > 0 and math.isfinite(bin_width_gy)):
         raise InvalidInputError(f"DVH bin width must be a positive number of Gy, got {bin_width_gy!r}")
 
 
 def _masked_doses(dose_gy: np.ndarray, mask: np.ndarray, name: Optional[str]) -> np.ndarray:
     """Sorted (ascending, float64) doses of the voxels inside ``mask``; validates both."""
     mask = np.asarray(mask)
+    # Accept 0/1 label maps as well as booleans (integer masks would index, not select).
     if mask.dtype != bool:
         mask = mask != 0
     values = np.asarray(dose_gy)[mask]
@@ -208,6 +218,7 @@ def _masked_doses(dose_gy: np.ndarray, mask: np.ndarray, name: Optional[str]) ->
                              "check its contours or remove it from the DVH", name)
     # Only the dose inside the structure enters the DVH, so that is what must be valid.
     validate_dose_array(values, name or "dose")
+    # float64 so that sums (mean) over a million float32 voxels do not lose precision.
     return np.sort(values.astype(np.float64))
 
 
@@ -215,6 +226,7 @@ def _bin_edges(max_dose_gy: float, bin_width_gy: float, hist_max_gy: Optional[fl
     # One more edge than needed to pass the maximum (plus tolerance), so the curve ends at 0.
     n_bins = int(math.floor((max_dose_gy + DOSE_TOLERANCE_GY) / bin_width_gy)) + 1
     if hist_max_gy is not None:
+        # Only extends: truncating would silently drop the hottest voxels from the curve.
         n_bins = max(n_bins, int(math.ceil(float(hist_max_gy) / bin_width_gy - 1e-9)))
     if n_bins > _MAX_BINS:
         raise InvalidInputError(f"A DVH of {max_dose_gy:.4g} Gy at {bin_width_gy} Gy per bin needs "
@@ -228,7 +240,9 @@ def _dvh_from_sorted(doses: np.ndarray, voxel_volume_cc: float, bin_width_gy: fl
     # Cumulative volume at every edge in one binary search over the sorted voxel doses.
     below = np.searchsorted(doses, edges - DOSE_TOLERANCE_GY, side="left")
     cumulative = (doses.size - below) * float(voxel_volume_cc)
+    # The DVH is frozen; make its arrays read-only too so that a caller cannot corrupt the metrics.
     doses.setflags(write=False)
+    cumulative.setflags(write=False)
     return DVH(name, doses, float(voxel_volume_cc), edges, cumulative)
 
 
@@ -252,6 +266,7 @@ def cumulative_dvh(dose_gy: np.ndarray, mask: np.ndarray, voxel_volume_cc: float
     :raises StructureError: when the mask is empty.
     :raises DoseError: when the dose inside the mask is NaN, infinite or negative.
     """
+    # One array pass is well under a second, so progress is coarse: before, after masking, done.
     report(progress, 0.0, f"DVH {name or ''}".strip(), cancel)
     _check_inputs(dose_gy, mask, voxel_volume_cc, bin_width_gy)
     doses = _masked_doses(dose_gy, mask, name)
@@ -336,19 +351,23 @@ def conformity_indices(dose_gy: np.ndarray, target_mask: np.ndarray, prescriptio
     :param name: target name for error messages.
     :return: :class:`Conformity` with ``.paddick`` and ``.rtog``.
     """
-    _check_inputs(dose_gy, target_mask, voxel_volume_cc, 1.0)
+    _check_inputs(dose_gy, target_mask, voxel_volume_cc)
     if not (prescription_gy > 0):
         raise InvalidInputError(f"Prescription must be > 0 Gy, got {prescription_gy!r}")
     target_mask = np.asarray(target_mask).astype(bool, copy=False)
     target_doses = _masked_doses(dose_gy, target_mask, name)
+    # The PIV counts every voxel of the grid, so the whole dose must be valid, not just the target.
+    validate_dose_array(np.asarray(dose_gy), "dose")
+    # Same tolerance as V_d, so TV_PIV equals the target's V(prescription) from its DVH.
     threshold = float(prescription_gy) - DOSE_TOLERANCE_GY
     piv = np.asarray(dose_gy) >= threshold
     if body_mask is not None:
         if np.shape(body_mask) != np.shape(dose_gy):
             raise GeometryError(f"Body mask {np.shape(body_mask)} and dose {np.shape(dose_gy)} grids differ; "
                                 "resample the body onto the dose grid first")
+        # Dose outside the body (couch, air) is not irradiated tissue and must not inflate the PIV.
         piv &= np.asarray(body_mask).astype(bool, copy=False)
-    validate_dose_array(np.asarray(dose_gy)[piv], "dose")
+    # The target's sorted doses give TV_PIV by one binary search instead of a second full-grid pass.
     tv_piv = int(target_doses.size - np.searchsorted(target_doses, threshold, side="left"))
     return Conformity(target_doses.size * voxel_volume_cc, int(np.count_nonzero(piv)) * voxel_volume_cc,
                       tv_piv * voxel_volume_cc)
@@ -359,6 +378,7 @@ def _mask_bbox(mask: np.ndarray) -> Optional[tuple[int, int, int, int, int, int]
     """Half-open (k0, k1, j0, j1, i0, i1) bounding box of a mask, or ``None`` when empty."""
     bounds = []
     for axis in range(3):
+        # Project onto one axis at a time: three any() reductions, no index array of all voxels.
         other = tuple(a for a in range(3) if a != axis)
         idx = np.flatnonzero(mask.any(axis=other))
         if idx.size == 0:
@@ -386,6 +406,7 @@ def dose_plane_grid(dose_grid: Grid, structure_grid: Grid) -> Grid:
     along = structure_grid.direction.T @ offset
     along[2] = 0.0
     origin = np.asarray(structure_grid.origin_mm) + structure_grid.direction @ along
+    # The dose grid's full in-plane extent: contours outside it are cut off there, as in dicompyler.
     shape = (structure_grid.shape[0], dose_grid.shape[1], dose_grid.shape[2])
     spacing = (dose_grid.spacing_mm[0], dose_grid.spacing_mm[1], structure_grid.spacing_mm[2])
     return Grid(shape, spacing, tuple(origin), structure_grid.direction)
@@ -428,13 +449,17 @@ def structure_dvh(dose: Dose, structure: Structure, bin_width_gy: float = 0.01,
         dose_arr, mask, grid = dose.array, structure.mask, structure.grid
     elif sampling == "structure":
         grid = structure.grid.subgrid(k0, k1, j0, j1, i0, i1)
+        # Trilinear interpolation of a non-negative dose can undershoot only by rounding; clip it.
         dose_arr = np.clip(resample_array(dose.array, dose.grid, grid, order=1), 0.0, None)
         mask = structure.mask[k0:k1, j0:j1, i0:i1]
     else:
+        # Imported here: contour tracing needs contourpy, which only this option uses.
         from twinrt.contours import contours_to_structure_mask, structure_to_contours
 
         full = dose_plane_grid(dose.grid, structure.grid)
         grid = full.subgrid(k0, k1, 0, full.shape[1], 0, full.shape[2])
+        # Go through contours (not the mask) so that the points tested are those an RTSTRUCT reader
+        # tests: voxel-centre-in-polygon on the dose points, even-odd for holes.
         polygons = [poly for _, poly in structure_to_contours(structure)]
         report(progress, 0.3, f"DVH {structure.name}", cancel)
         mask = contours_to_structure_mask(polygons, grid, structure.name)
@@ -500,6 +525,7 @@ def dvh_metrics(case: Case, dose_name: str = "reference", structures: Optional[I
     dose = _DoseOnGrids(case.doses[dose_name])
     selected = case.structures if structures is None else [case.structure(n) for n in structures]
     prescriptions = {p.target.lower(): float(p.dose_gy) for p in case.prescriptions}
+    # The first external structure bounds the PIV of every target's conformity index.
     body = next((s for s in case.structures if s.type == StructureType.EXTERNAL and not s.is_empty), None)
     rows: list[dict] = []
     for index, structure in enumerate(selected):
@@ -507,6 +533,7 @@ def dvh_metrics(case: Case, dose_name: str = "reference", structures: Optional[I
         if structure.is_empty:
             continue
         grid = structure.grid
+        # The full structure grid (not the bounding box) because the CI needs the PIV everywhere.
         dose_arr = dose.on(grid)
         dvh = cumulative_dvh(dose_arr, structure.mask, grid.voxel_volume_cc, bin_width_gy,
                              None, None, cancel, structure.name)
@@ -517,6 +544,7 @@ def dvh_metrics(case: Case, dose_name: str = "reference", structures: Optional[I
             d98, d95, d50, d2 = dvh.dose_at_volume_percent([98.0, 95.0, 50.0, 2.0])
             row.update(d98_gy=float(d98), d95_gy=float(d95), d50_gy=float(d50), d2_gy=float(d2),
                        hi=dvh.homogeneity_index())
+            # Case-insensitive like Case.structure(): "ptv70" in a prescription names "PTV70".
             rx = prescriptions.get(structure.name.lower())
             if rx is not None:
                 body_mask = body.on_grid(grid) if body is not None else None
