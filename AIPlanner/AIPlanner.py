@@ -6,9 +6,7 @@ AIPlanner (module descriptor), AIPlannerParameterNode, AIPlannerWidget (thin: bi
 the Logic), AIPlannerLogic (all computation, batch-capable) and AIPlannerTest (runs headless too).
 """
 
-from typing import Annotated, Optional
-
-import vtk
+from typing import Annotated
 
 import slicer
 from slicer.i18n import tr as _
@@ -20,6 +18,8 @@ from slicer.parameterNodeWrapper import parameterNodeWrapper, WithinRange
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
 from TwinRTCommon.logic import CaseLogicMixin, checkCtVolume, checkSegmentation
+from TwinRTCommon.testing import CaseModuleTestMixin
+from TwinRTCommon.widget import CaseModuleWidgetMixin
 
 
 #
@@ -93,104 +93,25 @@ class AIPlannerParameterNode:
 #
 
 
-class AIPlannerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class AIPlannerWidget(CaseModuleWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Binds the .ui to the parameter node and calls the Logic; holds no computation.
 
+    The parameter-node and scene plumbing and the Load sample / Import DICOM buttons come from
+    :class:`TwinRTCommon.widget.CaseModuleWidgetMixin`; this class adds the stage's Apply.
     Uses ScriptedLoadableModuleWidget base class, available at:
     https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
     """
 
-    def __init__(self, parent=None) -> None:
-        """Called when the user opens the module the first time and the widget is initialized."""
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)  # needed for parameter node observation
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
-
     def setup(self) -> None:
         """Load the .ui and connect it; cheap and without prompts (the generic test builds it)."""
         ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/AIPlanner.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        # Set scene in MRML widgets; the .ui forwards mrmlSceneChanged to every node selector.
-        uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = AIPlannerLogic()
-        self.ui.statusLabel.text = self.logic.stageStatusText()
+        self.setupCaseModule(AIPlannerLogic())
 
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.loadSampleButton.connect("clicked(bool)", self.onLoadSampleButton)
-        self.ui.importDicomButton.connect("directoryChanged(QString)", self.onImportDicomFolder)
-        self.initializeParameterNode()
-
-    def cleanup(self) -> None:
-        """Called when the application closes and the module widget is destroyed."""
-        self.removeObservers()
-
-    def enter(self) -> None:
-        """Called each time the user opens this module."""
-        self.initializeParameterNode()
-
-    def exit(self) -> None:
-        """Called each time the user opens a different module."""
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-
-    def onSceneStartClose(self, caller, event) -> None:
-        """Called just before the scene is closed."""
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event) -> None:
-        """Called just after the scene is closed."""
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    def initializeParameterNode(self) -> None:
-        """Ensure the parameter node exists and is observed; preselect the obvious inputs."""
-        self.setParameterNode(self.logic.getParameterNode())
-        parameters = self._parameterNode
-        if not parameters.inputVolume:
-            parameters.inputVolume = self.logic.findCtVolume()
-
-    def setParameterNode(self, inputParameterNode: Optional[AIPlannerParameterNode]) -> None:
-        """Bind the GUI to ``inputParameterNode`` (widgets carry SlicerParameterName properties)."""
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-            self._checkCanApply()
-
-    def _checkCanApply(self, caller=None, event=None) -> None:
-        parameters = self._parameterNode
-        ready = bool(parameters and parameters.inputVolume and parameters.inputSegmentation)
-        self.ui.applyButton.enabled = ready
-        # Say what is missing rather than leaving a greyed-out button unexplained.
-        if ready:
-            self.ui.applyButton.toolTip = _("Create the plan.")
-        else:
-            self.ui.applyButton.toolTip = _("Select the planning CT and its structures.")
-
-    def onLoadSampleButton(self) -> None:
-        """Load the bundled sample patient through the TwinRT case path."""
-        with slicer.util.tryWithErrorDisplay(_("Failed to load the TwinRT sample patient."), waitCursor=True):
-            self.logic.loadSampleCase()
-            self.initializeParameterNode()
-
-    def onImportDicomFolder(self, folder: str) -> None:
-        """Import a DICOM patient folder (CT, RTSTRUCT, RTDOSE) into the scene."""
-        if not folder:
-            return
-        with slicer.util.tryWithErrorDisplay(_("Failed to import the DICOM folder."), waitCursor=True):
-            self.logic.importCase(folder)
-            self.initializeParameterNode()
+    def canApply(self, parameters) -> tuple[bool, str]:
+        """Apply needs the planning CT and its structures (the prescription always has a valid value)."""
+        if parameters.inputVolume and parameters.inputSegmentation:
+            return True, _("Create the plan.")
+        return False, _("Select the planning CT and its structures.")
 
     def onApplyButton(self) -> None:
         """Run the stage; until issue 3 and 4 lands this reports that it is not available."""
@@ -224,11 +145,6 @@ class AIPlannerLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
     def getParameterNode(self):
         return AIPlannerParameterNode(super().getParameterNode())
 
-    def stageStatusText(self) -> str:
-        """The text of the module panel's status label."""
-        return _("Not available yet: {stage} is built by issue {issue}.").format(
-            stage=self.stageName, issue=self.stageIssue)
-
     def createPlan(self, ctVolume, segmentation, prescriptionGy: float, fractions: int):
         """Create a treatment plan for a prescription.
 
@@ -254,84 +170,24 @@ class AIPlannerLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
 #
 
 
-class AIPlannerTest(ScriptedLoadableModuleTest):
+class AIPlannerTest(CaseModuleTestMixin, ScriptedLoadableModuleTest):
     """Logic tests on a tiny synthetic case built in memory; they run in Slicer and headless.
 
+    The test methods are :class:`TwinRTCommon.testing.CaseModuleTestMixin`'s, shared by the five
+    modules; the attributes below say how to call this module's stage and what its parameter node holds.
     Uses ScriptedLoadableModuleTest base class, available at:
     https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
     """
 
-    def setUp(self):
-        """Start every test from an empty scene."""
-        slicer.mrmlScene.Clear()
+    logicClass = AIPlannerLogic
+    stageMethodName = "createPlan"
+    stageArguments = ("ct", "segmentation", 60.0, 30)
+    invalidStageArguments = ("ct", "segmentation", 0.0, 30)  # a 0 Gy prescription
+    stageIssueText = "issue 3"
+    parameterNodes = {"inputVolume": "ct"}
+    parameterValues = {"prescriptionGy": 60.0, "fractions": 30}
+    invalidParameterValues = {"fractions": 0}  # WithinRange(1, 100)
 
     def runTest(self):
-        """Run all tests of this module."""
-        for test in (self.test_AIPlannerCaseToScene, self.test_AIPlannerStageNotAvailable,
-                     self.test_AIPlannerBadInputLeavesSceneUnchanged, self.test_AIPlannerParameterNode):
-            self.setUp()
-            test()
-
-    def test_AIPlannerCaseToScene(self):
-        """A case goes into the scene through this module's Logic following the MRML contract."""
-        from TwinRTCommon.testing import assertCaseInScene, makeSyntheticCase
-
-        self.delayDisplay("Case to scene")
-        logic = AIPlannerLogic()
-        case = makeSyntheticCase()
-        created = logic.caseToScene(case)
-        assertCaseInScene(self, created, case, slicer.mrmlScene)
-        back = logic.sceneToCase()
-        self.assertEqual(back.patient_id, case.patient_id)
-        for original, reloaded in zip(case.structures, back.structures):
-            self.assertEqual(original.name, reloaded.name)
-            self.assertTrue((original.mask == reloaded.mask).all(), original.name)
-        self.delayDisplay("Test passed")
-
-    def test_AIPlannerStageNotAvailable(self):
-        """The stage method says plainly that it is not built yet, and changes nothing."""
-        from TwinRTCommon import mrmlio
-        from TwinRTCommon.testing import makeSyntheticCase
-        from twinrt.errors import InvalidInputError, StageNotAvailableError
-
-        self.delayDisplay("Stage not available")
-        logic = AIPlannerLogic()
-        created = logic.caseToScene(makeSyntheticCase())
-        before = mrmlio.nodeIds(slicer.mrmlScene)
-        with self.assertRaises(StageNotAvailableError) as context:
-            logic.createPlan(created["ct"], created["segmentation"], 60.0, 30)
-        self.assertIn("issue 3", str(context.exception))
-        with self.assertRaises(InvalidInputError):
-            logic.createPlan(created["ct"], created["segmentation"], 0.0, 30)
-        self.assertEqual(mrmlio.nodeIds(slicer.mrmlScene), before)
-        self.delayDisplay("Test passed")
-
-    def test_AIPlannerBadInputLeavesSceneUnchanged(self):
-        """A dose with NaN voxels raises DoseError and leaves the scene as it was."""
-        from TwinRTCommon.testing import assertBadInputLeavesSceneUnchanged, makeSyntheticCase
-
-        self.delayDisplay("Bad input")
-        logic = AIPlannerLogic()
-        logic.caseToScene(makeSyntheticCase("Existing"))  # a scene with content, which must survive
-        assertBadInputLeavesSceneUnchanged(self, logic, slicer.mrmlScene)
-        self.delayDisplay("Test passed")
-
-    def test_AIPlannerParameterNode(self):
-        """The parameter node is a scene singleton and keeps typed values and node references."""
-        from TwinRTCommon.testing import makeSyntheticCase
-
-        self.delayDisplay("Parameter node")
-        logic = AIPlannerLogic()
-        created = logic.caseToScene(makeSyntheticCase())
-        parameters = logic.getParameterNode()
-        parameters.inputVolume = created["ct"]
-        parameters.prescriptionGy = 60.0
-        parameters.fractions = 30
-        with self.assertRaises(ValueError):
-            parameters.fractions = 0
-        again = logic.getParameterNode()
-        self.assertIs(again.parameterNode, parameters.parameterNode)
-        self.assertEqual(again.prescriptionGy, 60.0)
-        self.assertEqual(again.fractions, 30)
-        self.assertEqual(again.inputVolume.GetID(), created["ct"].GetID())
-        self.delayDisplay("Test passed")
+        """Run all tests of this module (Slicer's ctest and Reload and Test call only this)."""
+        self.runCaseModuleTests()

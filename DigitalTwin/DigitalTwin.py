@@ -6,9 +6,7 @@ DigitalTwin (module descriptor), DigitalTwinParameterNode, DigitalTwinWidget (th
 the Logic), DigitalTwinLogic (all computation, batch-capable) and DigitalTwinTest (runs headless too).
 """
 
-from typing import Annotated, Optional
-
-import vtk
+from typing import Annotated
 
 import slicer
 from slicer.i18n import tr as _
@@ -20,6 +18,8 @@ from slicer.parameterNodeWrapper import parameterNodeWrapper, WithinRange
 from slicer import vtkMRMLScalarVolumeNode
 
 from TwinRTCommon.logic import CaseLogicMixin, checkCtVolume, checkDoseVolume
+from TwinRTCommon.testing import CaseModuleTestMixin
+from TwinRTCommon.widget import CaseModuleWidgetMixin
 
 
 #
@@ -91,104 +91,25 @@ class DigitalTwinParameterNode:
 #
 
 
-class DigitalTwinWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class DigitalTwinWidget(CaseModuleWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Binds the .ui to the parameter node and calls the Logic; holds no computation.
 
+    The parameter-node and scene plumbing and the Load sample / Import DICOM buttons come from
+    :class:`TwinRTCommon.widget.CaseModuleWidgetMixin`; this class adds the stage's Apply.
     Uses ScriptedLoadableModuleWidget base class, available at:
     https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
     """
 
-    def __init__(self, parent=None) -> None:
-        """Called when the user opens the module the first time and the widget is initialized."""
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)  # needed for parameter node observation
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
-
     def setup(self) -> None:
         """Load the .ui and connect it; cheap and without prompts (the generic test builds it)."""
         ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/DigitalTwin.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        # Set scene in MRML widgets; the .ui forwards mrmlSceneChanged to every node selector.
-        uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = DigitalTwinLogic()
-        self.ui.statusLabel.text = self.logic.stageStatusText()
+        self.setupCaseModule(DigitalTwinLogic())
 
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.loadSampleButton.connect("clicked(bool)", self.onLoadSampleButton)
-        self.ui.importDicomButton.connect("directoryChanged(QString)", self.onImportDicomFolder)
-        self.initializeParameterNode()
-
-    def cleanup(self) -> None:
-        """Called when the application closes and the module widget is destroyed."""
-        self.removeObservers()
-
-    def enter(self) -> None:
-        """Called each time the user opens this module."""
-        self.initializeParameterNode()
-
-    def exit(self) -> None:
-        """Called each time the user opens a different module."""
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-
-    def onSceneStartClose(self, caller, event) -> None:
-        """Called just before the scene is closed."""
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event) -> None:
-        """Called just after the scene is closed."""
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    def initializeParameterNode(self) -> None:
-        """Ensure the parameter node exists and is observed; preselect the obvious inputs."""
-        self.setParameterNode(self.logic.getParameterNode())
-        parameters = self._parameterNode
-        if not parameters.inputVolume:
-            parameters.inputVolume = self.logic.findCtVolume()
-
-    def setParameterNode(self, inputParameterNode: Optional[DigitalTwinParameterNode]) -> None:
-        """Bind the GUI to ``inputParameterNode`` (widgets carry SlicerParameterName properties)."""
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-            self._checkCanApply()
-
-    def _checkCanApply(self, caller=None, event=None) -> None:
-        parameters = self._parameterNode
-        ready = bool(parameters and parameters.inputVolume and parameters.inputDose)
-        self.ui.applyButton.enabled = ready
-        # Say what is missing rather than leaving a greyed-out button unexplained.
-        if ready:
-            self.ui.applyButton.toolTip = _("Simulate the treatment course.")
-        else:
-            self.ui.applyButton.toolTip = _("Select the planning CT and the planned dose.")
-
-    def onLoadSampleButton(self) -> None:
-        """Load the bundled sample patient through the TwinRT case path."""
-        with slicer.util.tryWithErrorDisplay(_("Failed to load the TwinRT sample patient."), waitCursor=True):
-            self.logic.loadSampleCase()
-            self.initializeParameterNode()
-
-    def onImportDicomFolder(self, folder: str) -> None:
-        """Import a DICOM patient folder (CT, RTSTRUCT, RTDOSE) into the scene."""
-        if not folder:
-            return
-        with slicer.util.tryWithErrorDisplay(_("Failed to import the DICOM folder."), waitCursor=True):
-            self.logic.importCase(folder)
-            self.initializeParameterNode()
+    def canApply(self, parameters) -> tuple[bool, str]:
+        """Apply needs the planning CT and the planned dose."""
+        if parameters.inputVolume and parameters.inputDose:
+            return True, _("Simulate the treatment course.")
+        return False, _("Select the planning CT and the planned dose.")
 
     def onApplyButton(self) -> None:
         """Run the stage; until issue 7 lands this reports that it is not available."""
@@ -221,11 +142,6 @@ class DigitalTwinLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
     def getParameterNode(self):
         return DigitalTwinParameterNode(super().getParameterNode())
 
-    def stageStatusText(self) -> str:
-        """The text of the module panel's status label."""
-        return _("Not available yet: {stage} is built by issue {issue}.").format(
-            stage=self.stageName, issue=self.stageIssue)
-
     def simulateCourse(self, ctVolume, doseVolume, fractions: int):
         """Build the per-fraction twin of a treatment course.
 
@@ -250,81 +166,23 @@ class DigitalTwinLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
 #
 
 
-class DigitalTwinTest(ScriptedLoadableModuleTest):
+class DigitalTwinTest(CaseModuleTestMixin, ScriptedLoadableModuleTest):
     """Logic tests on a tiny synthetic case built in memory; they run in Slicer and headless.
 
+    The test methods are :class:`TwinRTCommon.testing.CaseModuleTestMixin`'s, shared by the five
+    modules; the attributes below say how to call this module's stage and what its parameter node holds.
     Uses ScriptedLoadableModuleTest base class, available at:
     https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
     """
 
-    def setUp(self):
-        """Start every test from an empty scene."""
-        slicer.mrmlScene.Clear()
+    logicClass = DigitalTwinLogic
+    stageMethodName = "simulateCourse"
+    stageArguments = ("ct", "dose", 30)
+    invalidStageArguments = ("ct", "ct", 30)  # a CT where the dose belongs
+    stageIssueText = "issue 7"
+    parameterNodes = {"inputVolume": "ct", "inputDose": "dose"}
+    parameterValues = {"fractions": 5}
 
     def runTest(self):
-        """Run all tests of this module."""
-        for test in (self.test_DigitalTwinCaseToScene, self.test_DigitalTwinStageNotAvailable,
-                     self.test_DigitalTwinBadInputLeavesSceneUnchanged, self.test_DigitalTwinParameterNode):
-            self.setUp()
-            test()
-
-    def test_DigitalTwinCaseToScene(self):
-        """A case goes into the scene through this module's Logic following the MRML contract."""
-        from TwinRTCommon.testing import assertCaseInScene, makeSyntheticCase
-
-        self.delayDisplay("Case to scene")
-        logic = DigitalTwinLogic()
-        case = makeSyntheticCase()
-        created = logic.caseToScene(case)
-        assertCaseInScene(self, created, case, slicer.mrmlScene)
-        back = logic.sceneToCase()
-        self.assertEqual(back.patient_id, case.patient_id)
-        for original, reloaded in zip(case.structures, back.structures):
-            self.assertEqual(original.name, reloaded.name)
-            self.assertTrue((original.mask == reloaded.mask).all(), original.name)
-        self.delayDisplay("Test passed")
-
-    def test_DigitalTwinStageNotAvailable(self):
-        """The stage method says plainly that it is not built yet, and changes nothing."""
-        from TwinRTCommon import mrmlio
-        from TwinRTCommon.testing import makeSyntheticCase
-        from twinrt.errors import InvalidInputError, StageNotAvailableError
-
-        self.delayDisplay("Stage not available")
-        logic = DigitalTwinLogic()
-        created = logic.caseToScene(makeSyntheticCase())
-        before = mrmlio.nodeIds(slicer.mrmlScene)
-        with self.assertRaises(StageNotAvailableError) as context:
-            logic.simulateCourse(created["ct"], created["doses"]["reference"], 30)
-        self.assertIn("issue 7", str(context.exception))
-        with self.assertRaises(InvalidInputError):
-            logic.simulateCourse(created["ct"], created["ct"], 30)
-        self.assertEqual(mrmlio.nodeIds(slicer.mrmlScene), before)
-        self.delayDisplay("Test passed")
-
-    def test_DigitalTwinBadInputLeavesSceneUnchanged(self):
-        """A dose with NaN voxels raises DoseError and leaves the scene as it was."""
-        from TwinRTCommon.testing import assertBadInputLeavesSceneUnchanged, makeSyntheticCase
-
-        self.delayDisplay("Bad input")
-        logic = DigitalTwinLogic()
-        logic.caseToScene(makeSyntheticCase("Existing"))  # a scene with content, which must survive
-        assertBadInputLeavesSceneUnchanged(self, logic, slicer.mrmlScene)
-        self.delayDisplay("Test passed")
-
-    def test_DigitalTwinParameterNode(self):
-        """The parameter node is a scene singleton and keeps typed values and node references."""
-        from TwinRTCommon.testing import makeSyntheticCase
-
-        self.delayDisplay("Parameter node")
-        logic = DigitalTwinLogic()
-        created = logic.caseToScene(makeSyntheticCase())
-        parameters = logic.getParameterNode()
-        parameters.inputVolume = created["ct"]
-        parameters.inputDose = created["doses"]["reference"]
-        parameters.fractions = 5
-        again = logic.getParameterNode()
-        self.assertIs(again.parameterNode, parameters.parameterNode)
-        self.assertEqual(again.inputDose.GetID(), created["doses"]["reference"].GetID())
-        self.assertEqual(again.fractions, 5)
-        self.delayDisplay("Test passed")
+        """Run all tests of this module (Slicer's ctest and Reload and Test call only this)."""
+        self.runCaseModuleTests()

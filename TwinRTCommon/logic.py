@@ -2,7 +2,8 @@
 
 Each ``<Module>Logic`` derives from ``ScriptedLoadableModuleLogic`` *and* :class:`CaseLogicMixin`,
 so a patient enters any module the same way (through :mod:`TwinRTCommon.mrmlio`) and a stage that
-has not been built yet fails the same way (:class:`twinrt.errors.StageNotAvailableError`).
+has not been built yet fails (:class:`twinrt.errors.StageNotAvailableError`) and reports its status
+the same way.
 The mixin holds no state and never touches widgets, so it works in batch mode and in tests.
 """
 
@@ -78,14 +79,25 @@ class CaseLogicMixin:
 
         :param scene: the MRML scene; default ``slicer.mrmlScene``.
         """
-        from twinrt.errors import InvalidInputError
+        from twinrt.errors import InvalidInputError, MissingInputError
 
         from TwinRTCommon import mrmlio
 
         try:
             return mrmlio.findCtVolume(scene if scene is not None else slicer.mrmlScene)
-        except InvalidInputError:  # MissingInputError is one too: nothing to preselect
+        # MissingInputError (no CT: an empty scene, as when a module opens) is a FileNotFoundError,
+        # not an InvalidInputError, so both are caught: either way there is nothing to preselect.
+        except (InvalidInputError, MissingInputError):
             return None
+
+    def stageStatusText(self) -> str:
+        """The text of the module panel's status label (the .ui carries the same text until setup)."""
+        # Imported here: slicer.i18n exists only in the Slicer application (the headless harness
+        # installs a stand-in before any module is imported).
+        from slicer.i18n import tr as _
+
+        return _("Not available yet: {stage} is built by issue {issue}.").format(
+            stage=self.stageName, issue=self.stageIssue)
 
     def stageNotAvailable(self) -> StageNotAvailableError:
         """The error a module raises while its stage is not built; its text names the issue."""

@@ -1,7 +1,8 @@
-"""Tiny synthetic patients for the modules' self-tests (``<Module>Test``) and the workflow test.
+"""Tiny synthetic patients and the shared self-tests of the modules (``<Module>Test``) and the workflow test.
 
-Built in memory with analytic content, so a test needs no file, no download and no shared data,
-and runs the same under pytest (headless slicer-core) and under Slicer's own test runner.
+The patients are built in memory with analytic content, so a test needs no file, no download and no
+shared data, and runs the same under pytest (headless slicer-core) and under Slicer's own test
+runner. :class:`CaseModuleTestMixin` holds the test methods all five ``<Module>Test`` classes share.
 """
 
 from __future__ import annotations
@@ -125,3 +126,136 @@ def assertBadInputLeavesSceneUnchanged(testCase, logic, scene) -> None:
         logic.caseToScene("not a case", scene)
     testCase.assertEqual(mrmlio.nodeIds(scene), before)
     testCase.assertEqual(scene.GetSubjectHierarchyNode().GetNumberOfItems(), itemsBefore)
+
+
+class CaseModuleTestMixin:
+    """The self-tests every module runs, parameterised by the class attributes below.
+
+    A ``<Module>Test`` derives from this mixin *and* ``ScriptedLoadableModuleTest`` (mixin first, so
+    its ``setUp`` wins), sets the attributes and keeps only what is its own plus ``runTest``, which
+    calls :meth:`runCaseModuleTests`. The mixin is not a ``unittest.TestCase``, so ``unittest``
+    discovery in a ``<Module>.py`` finds only the module's Test class, with these methods inherited.
+
+    A ``str`` in ``stageArguments``, ``invalidStageArguments`` and ``parameterNodes`` names a node
+    of the synthetic case in the scene (see :meth:`caseNode`); every other value is passed as is.
+    """
+
+    #: The module's Logic class (a ``CaseLogicMixin``).
+    logicClass = None
+    #: Name of the Logic method that runs the stage, e.g. ``"segmentCT"``.
+    stageMethodName = ""
+    #: Valid arguments of the stage method: it must raise ``StageNotAvailableError``.
+    stageArguments: tuple = ()
+    #: Invalid arguments of the stage method: it must raise ``InvalidInputError``.
+    invalidStageArguments: tuple = ()
+    #: Text the stage error must contain, e.g. ``"issue 6"`` (also checked in the .ui status label).
+    stageIssueText = ""
+    #: Parameter name -> case node stored in it (node references must survive re-wrapping).
+    parameterNodes: dict = {}
+    #: Parameter name -> plain value stored in it.
+    parameterValues: dict = {}
+    #: Parameter name -> value the wrapper must refuse with ``ValueError``.
+    invalidParameterValues: dict = {}
+    #: Parameter name -> value it must hold when the test did not set it (its default).
+    parameterDefaults: dict = {}
+
+    def setUp(self):
+        """Start every test from an empty scene."""
+        import slicer
+
+        slicer.mrmlScene.Clear()
+
+    def runCaseModuleTests(self, *moduleTests) -> None:
+        """Run the shared tests, then ``moduleTests`` (the module's own bound methods), each after setUp.
+
+        Slicer's ctest and *Reload and Test* call only ``runTest``, so this is what they run.
+        """
+        shared = [self.test_CaseToScene, self.test_StageNotAvailable, self.test_BadInputLeavesSceneUnchanged,
+                  self.test_ParameterNode]
+        for test in shared + list(moduleTests):
+            self.setUp()
+            test()
+
+    @staticmethod
+    def caseNode(created: dict, name):
+        """The node ``name`` of the synthetic case in the scene; a non-str ``name`` is returned as is.
+
+        :param created: what ``caseToScene`` returned.
+        :param name: ``"dose"`` (the reference dose) or a key of ``created`` (``"ct"``, ``"segmentation"``,
+            ``"dvhMetricsTable"``, ...).
+        """
+        if not isinstance(name, str):
+            return name
+        return created["doses"]["reference"] if name == "dose" else created[name]
+
+    def test_CaseToScene(self):
+        """A case goes into the scene through this module's Logic following the MRML contract."""
+        import slicer
+
+        self.delayDisplay("Case to scene")
+        logic = self.logicClass()
+        case = makeSyntheticCase()
+        created = logic.caseToScene(case)
+        assertCaseInScene(self, created, case, slicer.mrmlScene)
+        back = logic.sceneToCase()
+        self.assertEqual(back.patient_id, case.patient_id)
+        for original, reloaded in zip(case.structures, back.structures):
+            self.assertEqual(original.name, reloaded.name)
+            self.assertTrue((original.mask == reloaded.mask).all(), original.name)
+        self.delayDisplay("Test passed")
+
+    def test_StageNotAvailable(self):
+        """The stage method says plainly that it is not built yet, and changes nothing."""
+        import slicer
+
+        from TwinRTCommon import mrmlio
+        from twinrt.errors import InvalidInputError, StageNotAvailableError
+
+        self.delayDisplay("Stage not available")
+        logic = self.logicClass()
+        created = logic.caseToScene(makeSyntheticCase())
+        before = mrmlio.nodeIds(slicer.mrmlScene)
+        stage = getattr(logic, self.stageMethodName)
+        with self.assertRaises(StageNotAvailableError) as context:
+            stage(*[self.caseNode(created, argument) for argument in self.stageArguments])
+        self.assertIn(self.stageIssueText, str(context.exception))
+        # Input checks come first: a user with a wrong selection learns that, not "not available".
+        with self.assertRaises(InvalidInputError):
+            stage(*[self.caseNode(created, argument) for argument in self.invalidStageArguments])
+        self.assertEqual(mrmlio.nodeIds(slicer.mrmlScene), before)
+        self.delayDisplay("Test passed")
+
+    def test_BadInputLeavesSceneUnchanged(self):
+        """A dose with NaN voxels raises DoseError and leaves the scene as it was."""
+        import slicer
+
+        self.delayDisplay("Bad input")
+        logic = self.logicClass()
+        logic.caseToScene(makeSyntheticCase("Existing"))  # a scene with content, which must survive
+        assertBadInputLeavesSceneUnchanged(self, logic, slicer.mrmlScene)
+        self.delayDisplay("Test passed")
+
+    def test_ParameterNode(self):
+        """The parameter node is a scene singleton and keeps typed values and node references."""
+        self.delayDisplay("Parameter node")
+        logic = self.logicClass()
+        created = logic.caseToScene(makeSyntheticCase())
+        parameters = logic.getParameterNode()
+        for name, nodeName in self.parameterNodes.items():
+            setattr(parameters, name, self.caseNode(created, nodeName))
+        for name, value in self.parameterValues.items():
+            setattr(parameters, name, value)
+        for name, value in self.invalidParameterValues.items():
+            with self.assertRaises(ValueError, msg=name):
+                setattr(parameters, name, value)
+        # A fresh wrapper reads everything back from the scene's node, as after a scene reload.
+        again = logic.getParameterNode()
+        self.assertIs(again.parameterNode, parameters.parameterNode)
+        for name, nodeName in self.parameterNodes.items():
+            self.assertEqual(getattr(again, name).GetID(), self.caseNode(created, nodeName).GetID(), name)
+        for name, value in {**self.parameterValues, **self.parameterDefaults}.items():
+            if value is None:
+                self.assertIsNone(getattr(again, name), name)
+            else:
+                self.assertEqual(getattr(again, name), value, name)
+        self.delayDisplay("Test passed")

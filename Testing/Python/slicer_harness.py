@@ -11,11 +11,13 @@ more:
   (``getParameterNode`` stores one ``vtkMRMLScriptedModuleNode`` per module as a scene singleton,
   tagged ``ModuleName``), and ``ScriptedLoadableModuleTest`` with ``delayDisplay``;
 * ``slicer.parameterNodeWrapper``: typed attribute access backed by the scripted module node's
-  parameters and node references, enough for Logic and Test code (``connectGui`` is a no-op);
+  parameters and node references, enough for Logic and Test code (``connectGui`` is a no-op), and
+  observable like the real wrapper (``AddObserver`` forwards to the node);
 * ``qt`` and ``ctk``: inert modules, only so that ``<Module>.py`` can be imported.
 
 Widget behaviour (the .ui binding, buttons) is checked inside Slicer by ``WITH_GENERIC_TESTS`` and
-``slicer_add_python_unittest`` (``ctest``); here the tests check the .ui files statically.
+``slicer_add_python_unittest`` (``ctest``); here the tests check the .ui files statically, and the
+Widgets' parameter-node plumbing (no ``setup()``, no Qt) against a plain-object stand-in for ``ui``.
 
 Nothing imports slicer at module import time: a plain-Python run of the core tests never pays for
 (or needs) slicer-core.
@@ -292,7 +294,14 @@ def parameterNodeWrapper(cls):
         return None
 
     namespace = {"__init__": __init__, "connectGui": connectGui, "disconnectGui": disconnectGui,
-                 "allParameters": dict(fields), "isParameterNodeWrapper": True}
+                 "allParameters": dict(fields), "isParameterNodeWrapper": True,
+                 # Forwarded to the node as the real wrapper does, so VTKObservationMixin can observe it.
+                 "AddObserver": lambda self, event, callback, priority=0.0: self.parameterNode.AddObserver(
+                     event, callback, priority),
+                 "RemoveObserver": lambda self, tag: self.parameterNode.RemoveObserver(tag),
+                 "Modified": lambda self: self.parameterNode.Modified(),
+                 "StartModify": lambda self: self.parameterNode.StartModify(),
+                 "EndModify": lambda self, wasModified: self.parameterNode.EndModify(wasModified)}
     for name in fields:
         namespace[name] = property(lambda self, n=name: _read(self, n), lambda self, v, n=name: _write(self, n, v))
     kept = {k: v for k, v in cls.__dict__.items() if k not in fields and k not in ("__dict__", "__weakref__")}
@@ -357,8 +366,17 @@ def importModule(moduleName: str):
 
 
 def selfTestNames(testClass) -> list[str]:
-    """Names of the ``test_*`` methods of a ScriptedLoadableModuleTest class, in definition order."""
-    return [name for name in testClass.__dict__ if name.startswith("test")]
+    """Names of the ``test_*`` methods of a ScriptedLoadableModuleTest class, inherited ones included.
+
+    Base classes first, each in definition order: the shared tests of
+    ``TwinRTCommon.testing.CaseModuleTestMixin`` come before a module's own, as ``runTest`` runs them.
+    """
+    names = []
+    for cls in reversed(testClass.__mro__):
+        for name, value in cls.__dict__.items():
+            if name.startswith("test") and callable(value) and name not in names:
+                names.append(name)
+    return names
 
 
 try:

@@ -1,58 +1,16 @@
-"""Headless tests of AIPlanner's Logic against a real slicer-core scene (widgets are not exercised).
+"""Headless tests of AIPlanner against a real slicer-core scene: every check in Testing/Python/module_checks.py.
 
-Runs AIPlannerTest's methods (the same ones Slicer's runner runs) under the harness in
-Testing/Python/slicer_harness.py, plus checks of the module descriptor, the parameter node, the
-.ui file, the icon and the CMake listing.
+That is AIPlannerTest's methods (the same ones Slicer's runner runs) under the harness in
+Testing/Python/slicer_harness.py, plus the module descriptor, the parameter node, the Widget's
+parameter-node plumbing, the .ui file, the icon and the CMake listing.
 """
 
 import pytest
 
 pytest.importorskip("slicer", reason="slicer-core is not installed (pip install 'twinrt[slicer]')")
 
-import module_checks  # noqa: E402  (Testing/Python, put on sys.path by conftest.py)
-import slicer_harness  # noqa: E402
-
-MODULE_NAME = "AIPlanner"
-module = slicer_harness.importModule(MODULE_NAME)
+from module_checks import ModuleChecks  # noqa: E402  (Testing/Python, put on sys.path by conftest.py)
 
 
-@pytest.mark.parametrize("methodName", slicer_harness.selfTestNames(module.AIPlannerTest))
-def test_selfTest(slicerScene, methodName):
-    """Each AIPlannerTest method passes headless."""
-    slicer_harness.runSelfTest(module.AIPlannerTest, methodName)
-
-
-def test_runTestRunsEveryMethod(slicerScene):
-    """runTest (what ctest calls in Slicer) runs every test method."""
-    module_checks.checkRunTestCoversMethods(module.AIPlannerTest)
-
-
-def test_moduleDescriptor(slicerScene):
-    """Title, category, research-use help text and the sample-data hook."""
-    module_checks.checkModuleDescriptor(module, MODULE_NAME)
-
-
-def test_parameterNodeIsSceneSingleton(slicerScene):
-    """getParameterNode returns the same scripted-module node, stored in the scene."""
-    module_checks.checkParameterNodeSingleton(module.AIPlannerLogic(), MODULE_NAME, slicerScene)
-
-
-def test_stageErrorNamesIssue(slicerScene):
-    """The stage error and the status text name issue 3."""
-    logic = module.AIPlannerLogic()
-    assert "issue 3" in logic.stageStatusText()
-    error = logic.stageNotAvailable()
-    assert "issue 3" in str(error)
-    assert isinstance(error, RuntimeError)
-
-
-def test_uiFile():
-    """The .ui is valid Qt Designer XML binding every parameter, with status and research labels."""
-    fields = list(module.AIPlannerParameterNode.allParameters)
-    module_checks.checkUiFile(MODULE_NAME, fields, "issue 3")
-
-
-def test_iconAndCMakeLists():
-    """128x128 icon; CMakeLists lists files that exist and keeps the generic tests."""
-    module_checks.checkIcon(MODULE_NAME)
-    module_checks.checkModuleCMakeLists(MODULE_NAME)
+class TestAIPlanner(ModuleChecks):
+    moduleName = "AIPlanner"
