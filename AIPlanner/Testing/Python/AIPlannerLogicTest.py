@@ -1,8 +1,6 @@
-"""Headless tests of AIPlanner against a real slicer-core scene: every check in Testing/Python/module_checks.py.
+"""AIPlanner headless: its AIPlannerTest methods, descriptor, parameter node, Widget plumbing, .ui, icon, CMake.
 
-That is AIPlannerTest's methods (the same ones Slicer's runner runs) under the harness in
-Testing/Python/slicer_harness.py, plus the module descriptor, the parameter node, the Widget's
-parameter-node plumbing, the .ui file, the icon and the CMake listing.
+Every check is in Testing/Python/module_checks.py (ModuleChecks), written once for the five modules.
 """
 
 import pytest
