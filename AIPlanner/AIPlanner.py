@@ -107,11 +107,10 @@ class AIPlannerWidget(CaseModuleWidgetMixin, ScriptedLoadableModuleWidget, VTKOb
         ScriptedLoadableModuleWidget.setup(self)
         self.setupCaseModule(AIPlannerLogic())
 
-    def canApply(self, parameters) -> tuple[bool, str]:
-        """Apply needs the planning CT and its structures (the prescription always has a valid value)."""
-        if parameters.inputVolume and parameters.inputSegmentation:
-            return True, _("Create the plan.")
-        return False, _("Select the planning CT and its structures.")
+    # Apply needs the planning CT and its structures (the prescription always has a valid value).
+    applyRequires = ("inputVolume", "inputSegmentation")
+    applyReadyToolTip = _("Create the plan.")
+    applyMissingToolTip = _("Select the planning CT and its structures.")
 
     def onApplyButton(self) -> None:
         """Run the stage; until issue 3 and 4 lands this reports that it is not available."""

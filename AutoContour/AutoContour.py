@@ -103,11 +103,10 @@ class AutoContourWidget(CaseModuleWidgetMixin, ScriptedLoadableModuleWidget, VTK
         ScriptedLoadableModuleWidget.setup(self)
         self.setupCaseModule(AutoContourLogic())
 
-    def canApply(self, parameters) -> tuple[bool, str]:
-        """Apply needs the planning CT."""
-        if parameters.inputVolume:
-            return True, _("Contour the selected CT.")
-        return False, _("Select the planning CT.")
+    # Apply needs the planning CT.
+    applyRequires = ("inputVolume",)
+    applyReadyToolTip = _("Contour the selected CT.")
+    applyMissingToolTip = _("Select the planning CT.")
 
     def onApplyButton(self) -> None:
         """Run the stage; until issue 6 lands this reports that it is not available."""

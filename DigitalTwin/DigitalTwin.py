@@ -105,11 +105,10 @@ class DigitalTwinWidget(CaseModuleWidgetMixin, ScriptedLoadableModuleWidget, VTK
         ScriptedLoadableModuleWidget.setup(self)
         self.setupCaseModule(DigitalTwinLogic())
 
-    def canApply(self, parameters) -> tuple[bool, str]:
-        """Apply needs the planning CT and the planned dose."""
-        if parameters.inputVolume and parameters.inputDose:
-            return True, _("Simulate the treatment course.")
-        return False, _("Select the planning CT and the planned dose.")
+    # Apply needs the planning CT and the planned dose.
+    applyRequires = ("inputVolume", "inputDose")
+    applyReadyToolTip = _("Simulate the treatment course.")
+    applyMissingToolTip = _("Select the planning CT and the planned dose.")
 
     def onApplyButton(self) -> None:
         """Run the stage; until issue 7 lands this reports that it is not available."""

@@ -105,11 +105,10 @@ class DosePredictWidget(CaseModuleWidgetMixin, ScriptedLoadableModuleWidget, VTK
         ScriptedLoadableModuleWidget.setup(self)
         self.setupCaseModule(DosePredictLogic())
 
-    def canApply(self, parameters) -> tuple[bool, str]:
-        """Apply needs the planning CT and its structures."""
-        if parameters.inputVolume and parameters.inputSegmentation:
-            return True, _("Predict the dose.")
-        return False, _("Select the planning CT and its structures.")
+    # Apply needs the planning CT and its structures.
+    applyRequires = ("inputVolume", "inputSegmentation")
+    applyReadyToolTip = _("Predict the dose.")
+    applyMissingToolTip = _("Select the planning CT and its structures.")
 
     def onApplyButton(self) -> None:
         """Run the stage; until issue 5 lands this reports that it is not available."""

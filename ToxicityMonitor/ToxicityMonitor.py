@@ -108,11 +108,10 @@ class ToxicityMonitorWidget(CaseModuleWidgetMixin, ScriptedLoadableModuleWidget,
         if not parameters.inputSegmentation:
             parameters.inputSegmentation = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
 
-    def canApply(self, parameters) -> tuple[bool, str]:
-        """Apply needs the dose and the organs at risk."""
-        if parameters.inputDose and parameters.inputSegmentation:
-            return True, _("Estimate the toxicity risks.")
-        return False, _("Select the dose and the organs at risk.")
+    # Apply needs the dose and the organs at risk.
+    applyRequires = ("inputDose", "inputSegmentation")
+    applyReadyToolTip = _("Estimate the toxicity risks.")
+    applyMissingToolTip = _("Select the dose and the organs at risk.")
 
     def onApplyButton(self) -> None:
         """Run the stage; until issue 8 lands this reports that it is not available."""

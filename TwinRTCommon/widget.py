@@ -22,7 +22,7 @@ from slicer.util import VTKObservationMixin
 class CaseModuleWidgetMixin:
     """Binds ``UI/<Module>.ui`` to the module's parameter node; loads a case from the sample or DICOM.
 
-    The module's Widget must provide ``onApplyButton()`` and ``canApply(parameters)``, and may
+    The module's Widget must provide ``onApplyButton()`` and set ``applyRequires`` and the tooltips, and may
     override ``preselectInputs(parameters)``. The Logic it passes to :meth:`setupCaseModule` is a
     :class:`TwinRTCommon.logic.CaseLogicMixin` with ``getParameterNode`` and ``stageStatusText``.
     """
@@ -111,13 +111,20 @@ class CaseModuleWidgetMixin:
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
             self._checkCanApply()
 
+    #: Parameter names that must be set before Apply can run (each module's Widget sets its own).
+    applyRequires: tuple[str, ...] = ()
+    #: Apply tooltips when ready and when something is missing (each module sets translated text).
+    applyReadyToolTip = ""
+    applyMissingToolTip = ""
+
     def canApply(self, parameters) -> tuple[bool, str]:
-        """Whether Apply may run, and the Apply tooltip; each module's Widget defines its own rule.
+        """Whether Apply may run, and the Apply tooltip, from :attr:`applyRequires`.
 
         :param parameters: the module's parameter node (wrapper), never None.
         :return: ``(ready, toolTip)``; when not ready the tooltip says what to select.
         """
-        raise NotImplementedError(f"{type(self).__name__} must define canApply(parameters)")
+        ready = bool(self.applyRequires) and all(getattr(parameters, name) for name in self.applyRequires)
+        return ready, self.applyReadyToolTip if ready else self.applyMissingToolTip
 
     def _checkCanApply(self, caller=None, event=None) -> None:
         parameters = self._parameterNode
