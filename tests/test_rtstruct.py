@@ -125,7 +125,7 @@ def test_non_rtstruct_file_is_refused(tmp_path):
     path = tmp_path / "ct.dcm"
     save_dataset(base_dataset(CT_IMAGE_STORAGE, "CT", ctx, new_uid(), 1, "CT"), path)
     ct = Image(np.zeros((2, 4, 4), np.int16), Grid((2, 4, 4), (1.0, 1.0, 1.0)))
-    with pytest.raises(DicomImportError, match="not an RT Structure Set") as info:
+    with pytest.raises(DicomImportError, match="is not an RTSTRUCT file") as info:
         read_rtstruct(path, ct)
     assert info.value.path == path
     text = tmp_path / "notes.dcm"

@@ -13,9 +13,11 @@ from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
 import twinrt
+from twinrt.errors import DicomImportError, MissingInputError
 from twinrt.io_utils import atomic_path
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -167,3 +169,51 @@ class CtReference:
     series_instance_uid: str
     sop_instance_uids: list[str]
     sop_class_uid: str = CT_IMAGE_STORAGE
+
+
+def read_header(path: Path) -> Dataset | None:
+    """The DICOM header of ``path`` without pixel data, or ``None`` when it is not a DICOM file.
+
+    :raises DicomImportError: the file looks like DICOM (Part 10 preamble) but cannot be parsed.
+    """
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except InvalidDicomError:
+        # No 'DICM' marker and not parseable: a README, thumbnail, DICOMDIR index... ignored.
+        return None
+    except Exception as exc:  # truncated or corrupt file: pydicom raises many types here
+        if _has_dicm_marker(path):
+            raise DicomImportError(f"DICOM file {path} cannot be read ({exc}); re-export or remove it",
+                                   path) from exc
+        return None
+
+
+def _has_dicm_marker(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+        return len(head) == 132 and head[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def read_dicom_object(path: str | Path, modality: str, role: str) -> Dataset:
+    """Read one DICOM file that must be of ``modality`` (pixel data included).
+
+    :param path: the file.
+    :param modality: required DICOM Modality, e.g. ``"RTDOSE"``.
+    :param role: what the user should choose instead, for messages, e.g. ``"the dose file"``.
+    :raises MissingInputError: the file does not exist.
+    :raises DicomImportError: not DICOM, unreadable, or another modality; names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInputError(f"{modality} file {path} does not exist; check the path", path)
+    header = read_header(path)
+    if header is None or str(header.get("Modality", "")) != modality:
+        what = "not DICOM" if header is None else f"modality {header.get('Modality', '?')}"
+        raise DicomImportError(f"{path} is not an {modality} file ({what}); choose {role}", path)
+    try:
+        return pydicom.dcmread(path)
+    except Exception as exc:  # corrupt pixel data after a readable header
+        raise DicomImportError(f"DICOM file {path} cannot be read ({exc}); re-export it", path) from exc

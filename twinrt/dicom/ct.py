@@ -22,10 +22,9 @@ from typing import Sequence
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
 from twinrt.dicom.common import (CT_IMAGE_STORAGE, CtReference, DicomContext, base_dataset, new_uid,
-                                 save_dataset)
+                                 read_header, save_dataset)
 from twinrt.errors import DicomImportError, GeometryError, InvalidInputError, MissingInputError
 from twinrt.geometry import Grid
 from twinrt.model import Image
@@ -59,32 +58,6 @@ def format_ds(value: float) -> str:
 def format_ds_list(values: Sequence[float]) -> list[str]:
     """Each value of ``values`` as a DS string (see :func:`format_ds`)."""
     return [format_ds(v) for v in values]
-
-
-def read_header(path: Path) -> Dataset | None:
-    """The DICOM header of ``path`` without pixel data, or ``None`` when it is not a DICOM file.
-
-    :raises DicomImportError: the file looks like DICOM (Part 10 preamble) but cannot be parsed.
-    """
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
-    except InvalidDicomError:
-        # No 'DICM' marker and not parseable: a README, thumbnail, DICOMDIR index... ignored.
-        return None
-    except Exception as exc:  # truncated or corrupt file: pydicom raises many types here
-        if _has_dicm_marker(path):
-            raise DicomImportError(f"DICOM file {path} cannot be read ({exc}); re-export or remove it",
-                                   path) from exc
-        return None
-
-
-def _has_dicm_marker(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-        return len(head) == 132 and head[128:132] == b"DICM"
-    except OSError:
-        return False
 
 
 def list_dicom_files(folder: Path) -> list[tuple[Path, Dataset]]:

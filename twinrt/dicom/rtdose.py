@@ -18,9 +18,9 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from twinrt.dicom.common import (RT_DOSE_STORAGE, RT_PLAN_STORAGE, DicomContext, base_dataset, new_uid,
-                                 save_dataset)
-from twinrt.dicom.ct import POSITION_TOL_MM, format_ds, format_ds_list, orientation_axes, read_header
-from twinrt.errors import DicomImportError, GeometryError, InvalidInputError, MissingInputError
+                                 read_dicom_object, save_dataset)
+from twinrt.dicom.ct import POSITION_TOL_MM, format_ds, format_ds_list, orientation_axes
+from twinrt.errors import DicomImportError, GeometryError, InvalidInputError
 from twinrt.geometry import Grid
 from twinrt.model import Dose, validate_dose_array
 
@@ -132,13 +132,7 @@ def read_rtdose(path: str | Path) -> Dose:
     :raises DoseError: the dose has NaN or negative values.
     """
     path = Path(path)
-    if not path.is_file():
-        raise MissingInputError(f"RTDOSE file {path} does not exist; check the path", path)
-    header = read_header(path)
-    if header is None or str(header.get("Modality", "")) != "RTDOSE":
-        modality = "not DICOM" if header is None else f"modality {header.get('Modality', '?')}"
-        raise DicomImportError(f"{path} is not an RTDOSE file ({modality}); choose the dose file", path)
-    ds = pydicom.dcmread(path)
+    ds = read_dicom_object(path, "RTDOSE", "the dose file")
     if "PixelData" not in ds:
         raise DicomImportError(f"{path} is an RTDOSE without a dose grid (point doses or DVH only); "
                                "TwinRT needs a 3D dose", path)

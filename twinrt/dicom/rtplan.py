@@ -17,9 +17,9 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from twinrt.dicom.common import (RT_PLAN_STORAGE, RT_STRUCTURE_SET_STORAGE, DicomContext, base_dataset, new_uid,
-                                 save_dataset)
-from twinrt.dicom.ct import format_ds, format_ds_list, read_header
-from twinrt.errors import DicomImportError, InvalidInputError, MissingInputError
+                                 read_dicom_object, save_dataset)
+from twinrt.dicom.ct import format_ds, format_ds_list
+from twinrt.errors import DicomImportError, InvalidInputError
 from twinrt.model import Plan, Prescription
 
 APPROVAL_STATUSES = ("APPROVED", "UNAPPROVED", "REJECTED")
@@ -219,12 +219,7 @@ def read_rtplan(path: str | Path) -> Plan:
     :raises DicomImportError: the file is not an RTPLAN; the message names the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise MissingInputError(f"RTPLAN file {path} does not exist; check the path", path)
-    ds = read_header(path)
-    if ds is None or str(ds.get("Modality", "")) != "RTPLAN":
-        what = "not DICOM" if ds is None else f"modality {ds.get('Modality', '?')}"
-        raise DicomImportError(f"{path} is not an RTPLAN file ({what}); choose the plan file", path)
+    ds = read_dicom_object(path, "RTPLAN", "the plan file")
     groups = list(ds.get("FractionGroupSequence", []))
     default_fractions = int(groups[0].get("NumberOfFractionsPlanned", 1) or 1) if groups else 1
     fractions_of: dict[int, int] = {}

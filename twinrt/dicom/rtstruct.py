@@ -24,14 +24,12 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence as DicomSequence
 
 from twinrt.contours import contours_to_structure_mask, structure_to_contours
 from twinrt.dicom.common import (CtReference, DicomContext, RT_STRUCTURE_SET_STORAGE, base_dataset, new_uid,
-                                 save_dataset)
+                                 read_dicom_object, save_dataset)
 from twinrt.errors import DicomImportError, GeometryError, StructureError
 from twinrt.model import Image, Structure, StructureType, default_color
 
@@ -239,16 +237,7 @@ def read_rtstruct(path: str | Path, ct: Image, ct_ref: CtReference | None = None
     :raises StructureError: a structure whose contours lie outside the CT; names the structure.
     """
     path = Path(path)
-    try:
-        ds = pydicom.dcmread(path)
-    except (InvalidDicomError, OSError, ValueError) as exc:
-        raise DicomImportError(f"{path} is not a readable DICOM file ({exc}); choose an RTSTRUCT file",
-                               path) from exc
-    modality = str(ds.get("Modality", ""))
-    sop_class = str(ds.get("SOPClassUID", ""))
-    if modality != "RTSTRUCT" and sop_class != RT_STRUCTURE_SET_STORAGE:
-        raise DicomImportError(f"{path} is not an RT Structure Set (Modality '{modality}', SOP class "
-                               f"'{sop_class}'); choose an RTSTRUCT file", path)
+    ds = read_dicom_object(path, "RTSTRUCT", "an RTSTRUCT file")
 
     series, frames = _referenced_series(ds)
     if ct_ref is not None:
