@@ -26,6 +26,10 @@ from twinrt.errors import MissingInputError, TwinRTError
 
 
 def _print_progress(fraction: float, text: str) -> None:
+    if not sys.stdout.isatty():
+        # Logs and CI: one plain line per step instead of a redrawn bar.
+        print(f"{fraction * 100:5.1f}% {text}", flush=True)
+        return
     bar = "#" * int(round(fraction * 30))
     print(f"\r[{bar:<30}] {fraction * 100:5.1f}% {text:<40}", end="" if fraction < 1 else "\n", flush=True)
 
