@@ -199,13 +199,14 @@ class Plan:
 
     :param label: RT plan label (DICOM RTPlanLabel, at most 16 characters).
     :param prescriptions: target prescriptions.
-    :param beams: beam descriptions (dicts until the AIPlanner beam model lands).
+    :param beams: :class:`twinrt.planning.plan.PlanBeam` step-and-shoot beams, or dicts describing
+        static open fields (keys in :func:`twinrt.dicom.rtplan.write_rtplan`).
     :param approval: DICOM ApprovalStatus; AI plans are always ``UNAPPROVED``.
     """
 
     label: str = "TwinRT"
     prescriptions: list[Prescription] = field(default_factory=list)
-    beams: list[dict[str, Any]] = field(default_factory=list)
+    beams: list[Any] = field(default_factory=list)
     approval: str = "UNAPPROVED"
     radiation_type: str = "PHOTON"
 

@@ -1,19 +1,33 @@
 """RT Plan import and export: :class:`twinrt.model.Plan` <-> one RTPLAN file.
 
-The plan is a *skeleton*: label, prescriptions (one DoseReferenceSequence item per target, with
-the target named in DoseReferenceDescription because TwinRT does not know the RTSTRUCT ROI
-numbers here), fraction groups and approval status. Beams are written as static open fields when
-``plan.beams`` has any (dict keys documented in :func:`write_rtplan`); AIPlanner will replace this
-with its beam model. AI plans are always written ``UNAPPROVED``: a person must review them in a
-treatment planning system.
+The plan holds label, prescriptions (one DoseReferenceSequence item per target, with the target
+named in DoseReferenceDescription because TwinRT does not know the RTSTRUCT ROI numbers here),
+fraction groups, approval status and beams. A beam is either
+
+* a :class:`twinrt.planning.plan.PlanBeam` (or its ``to_dict()`` form): a step-and-shoot IMRT
+  beam with ASYMX/ASYMY jaws and an MLCX leaf bank, written as control-point pairs (below); or
+* a dict (keys documented in :func:`write_rtplan`): a static open field, as before.
+
+Step-and-shoot encoding (PS3.3 C.8.8.14.5): segment ``k`` is control points ``2k`` and ``2k+1``
+with the same leaf positions and CumulativeMetersetWeight rising by the segment's share of the
+beam meterset; between ``2k+1`` and ``2k+2`` the weight is constant (beam off) while the leaves
+move. Leaf positions change, so they are given at every control point; jaws, angles and isocentre
+do not, so they are given at control point 0 only. BeamType is ``STATIC``: PS3.3 defines STATIC as
+"all Control Point Sequence attributes remain unchanged between consecutive pairs of control points
+with changing Cumulative Meterset Weight", which is exactly step-and-shoot (DYNAMIC is for leaves
+moving while the beam is on: sliding window, VMAT). Some planning systems label step-and-shoot
+DYNAMIC; :func:`read_rtplan` accepts both. AI plans are always written ``UNAPPROVED``: a person
+must review them in a treatment planning system.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydicom.dataset import Dataset
 
 from twinrt.dicom.common import (RT_PLAN_STORAGE, RT_STRUCTURE_SET_STORAGE, DicomContext, base_dataset, new_uid,
@@ -21,6 +35,11 @@ from twinrt.dicom.common import (RT_PLAN_STORAGE, RT_STRUCTURE_SET_STORAGE, Dico
 from twinrt.dicom.ct import format_ds, format_ds_list
 from twinrt.errors import DicomImportError, InvalidInputError
 from twinrt.model import Plan, Prescription
+from twinrt.planning.beams import Beam
+from twinrt.planning.plan import PlanBeam, is_plan_beam_dict
+from twinrt.planning.sequencing import ALGORITHM_CITATION, Segment
+
+log = logging.getLogger(__name__)
 
 APPROVAL_STATUSES = ("APPROVED", "UNAPPROVED", "REJECTED")
 
@@ -37,7 +56,9 @@ def write_rtplan(plan: Plan, ctx: DicomContext, path: str | Path, structure_set_
     """Write ``plan`` as an RTPLAN file.
 
     :param plan: label (at most 16 characters are kept), prescriptions in Gy, approval, beams.
-        Each beam is a dict with optional keys ``name``, ``gantry_angle_deg``,
+        A :class:`~twinrt.planning.plan.PlanBeam` (or its ``to_dict()``) is written as a
+        step-and-shoot IMRT beam, its BeamMeterset the MU per fraction. Any other beam is a dict
+        of a static open field with optional keys ``name``, ``gantry_angle_deg``,
         ``collimator_angle_deg``, ``couch_angle_deg``, ``isocenter_mm`` (LPS, mm), ``energy_mv``,
         ``meterset_mu``, ``jaws_mm`` (X1, X2, Y1, Y2 in mm at the isocentre), ``machine``,
         ``source_axis_distance_mm`` (defaults in :data:`BEAM_DEFAULTS`).
@@ -89,8 +110,15 @@ def write_rtplan(plan: Plan, ctx: DicomContext, path: str | Path, structure_set_
         dose_refs.append(item)
     if dose_refs:
         ds.DoseReferenceSequence = dose_refs
-    beams = [_beam_dataset(b, n, plan.radiation_type) for n, b in enumerate(plan.beams, start=1)]
-    metersets = [float({**BEAM_DEFAULTS, **b}["meterset_mu"]) for b in plan.beams]
+    plan_beams = [PlanBeam.from_dict(b) if is_plan_beam_dict(b) else b for b in plan.beams]
+    beams, metersets = [], []
+    for n, b in enumerate(plan_beams, start=1):
+        if isinstance(b, PlanBeam):
+            beams.append(_imrt_beam_dataset(b, n, plan.radiation_type))
+            metersets.append(b.meterset_mu)
+        else:
+            beams.append(_beam_dataset(b, n, plan.radiation_type))
+            metersets.append(float({**BEAM_DEFAULTS, **b}["meterset_mu"]))
     if beams:
         ds.BeamSequence = beams
         # Patient Setup: required by the RT Beams module to say how the patient lies.
@@ -151,55 +179,81 @@ def _fraction_groups(plan: Plan, beams: list[Dataset], metersets: list[float]) -
     return groups
 
 
-def _beam_dataset(beam: dict[str, Any], number: int, radiation_type: str) -> Dataset:
-    """A static open field (two control points) from a beam dict."""
-    b = {**BEAM_DEFAULTS, **beam}
-    x1, x2, y1, y2 = (float(v) for v in b["jaws_mm"])
+def _beam_header(number: int, name: str, machine: str, sad_mm: float, radiation_type: str,
+                 devices: list[tuple[str, int, list[float] | None]], n_control_points: int) -> Dataset:
+    """The BeamSequence item without control points.
+
+    :param devices: (RTBeamLimitingDeviceType, NumberOfLeafJawPairs, LeafPositionBoundaries or None).
+    """
     ds = Dataset()
     ds.BeamNumber = number
-    ds.BeamName = str(b.get("name", f"Beam {number}"))[:64]
+    ds.BeamName = name[:64]
     ds.BeamType = "STATIC"
     ds.RadiationType = radiation_type.upper()
-    ds.TreatmentMachineName = str(b["machine"])[:16]
+    ds.TreatmentMachineName = machine[:16]
     ds.PrimaryDosimeterUnit = "MU"
-    ds.SourceAxisDistance = format_ds(b["source_axis_distance_mm"])
+    ds.SourceAxisDistance = format_ds(sad_mm)
     ds.TreatmentDeliveryType = "TREATMENT"
-    devices = []
-    for kind in ("ASYMX", "ASYMY"):
+    items = []
+    for kind, pairs, boundaries in devices:
         d = Dataset()
         d.RTBeamLimitingDeviceType = kind
-        d.NumberOfLeafJawPairs = 1
-        devices.append(d)
-    ds.BeamLimitingDeviceSequence = devices
+        d.NumberOfLeafJawPairs = pairs
+        if boundaries is not None:
+            d.LeafPositionBoundaries = format_ds_list(boundaries)
+        items.append(d)
+    ds.BeamLimitingDeviceSequence = items
     ds.NumberOfWedges = 0
     ds.NumberOfCompensators = 0
     ds.NumberOfBoli = 0
     ds.NumberOfBlocks = 0
     ds.FinalCumulativeMetersetWeight = "1"
-    ds.NumberOfControlPoints = 2
-    cp0 = Dataset()
-    cp0.ControlPointIndex = 0
-    cp0.NominalBeamEnergy = format_ds(b["energy_mv"])
-    positions = []
-    for kind, pair in (("ASYMX", (x1, x2)), ("ASYMY", (y1, y2))):
+    ds.NumberOfControlPoints = n_control_points
+    return ds
+
+
+def _device_positions(positions: list[tuple[str, list[float]]]) -> list[Dataset]:
+    """BeamLimitingDevicePositionSequence items from (device type, positions in mm)."""
+    items = []
+    for kind, values in positions:
         p = Dataset()
         p.RTBeamLimitingDeviceType = kind
-        p.LeafJawPositions = format_ds_list(pair)
-        positions.append(p)
-    cp0.BeamLimitingDevicePositionSequence = positions
-    cp0.GantryAngle = format_ds(float(b["gantry_angle_deg"]) % 360)
+        p.LeafJawPositions = format_ds_list(values)
+        items.append(p)
+    return items
+
+
+def _first_control_point(energy_mv: float, positions: list[tuple[str, list[float]]], gantry_deg: float,
+                         collimator_deg: float, couch_deg: float, isocenter_mm: Any) -> Dataset:
+    """Control point 0: every parameter of the beam (later control points list only what changes)."""
+    cp0 = Dataset()
+    cp0.ControlPointIndex = 0
+    cp0.NominalBeamEnergy = format_ds(energy_mv)
+    cp0.BeamLimitingDevicePositionSequence = _device_positions(positions)
+    cp0.GantryAngle = format_ds(float(gantry_deg) % 360)
     cp0.GantryRotationDirection = "NONE"
-    cp0.BeamLimitingDeviceAngle = format_ds(float(b["collimator_angle_deg"]) % 360)
+    cp0.BeamLimitingDeviceAngle = format_ds(float(collimator_deg) % 360)
     cp0.BeamLimitingDeviceRotationDirection = "NONE"
-    cp0.PatientSupportAngle = format_ds(float(b["couch_angle_deg"]) % 360)
+    cp0.PatientSupportAngle = format_ds(float(couch_deg) % 360)
     cp0.PatientSupportRotationDirection = "NONE"
     cp0.TableTopEccentricAngle = "0"
     cp0.TableTopEccentricRotationDirection = "NONE"
     cp0.TableTopVerticalPosition = ""
     cp0.TableTopLongitudinalPosition = ""
     cp0.TableTopLateralPosition = ""
-    cp0.IsocenterPosition = format_ds_list(b["isocenter_mm"])
+    cp0.IsocenterPosition = format_ds_list(isocenter_mm)
     cp0.CumulativeMetersetWeight = "0"
+    return cp0
+
+
+def _beam_dataset(beam: dict[str, Any], number: int, radiation_type: str) -> Dataset:
+    """A static open field (two control points) from a beam dict."""
+    b = {**BEAM_DEFAULTS, **beam}
+    x1, x2, y1, y2 = (float(v) for v in b["jaws_mm"])
+    ds = _beam_header(number, str(b.get("name", f"Beam {number}")), str(b["machine"]),
+                      float(b["source_axis_distance_mm"]), radiation_type, [("ASYMX", 1, None), ("ASYMY", 1, None)], 2)
+    cp0 = _first_control_point(b["energy_mv"], [("ASYMX", [x1, x2]), ("ASYMY", [y1, y2])], b["gantry_angle_deg"],
+                               b["collimator_angle_deg"], b["couch_angle_deg"], b["isocenter_mm"])
     cp1 = Dataset()
     cp1.ControlPointIndex = 1
     cp1.CumulativeMetersetWeight = "1"
@@ -207,8 +261,54 @@ def _beam_dataset(beam: dict[str, Any], number: int, radiation_type: str) -> Dat
     return ds
 
 
+def _imrt_beam_dataset(beam: PlanBeam, number: int, radiation_type: str) -> Dataset:
+    """A step-and-shoot beam: fixed jaws, an MLCX bank, two control points per segment."""
+    total = beam.meterset_mu
+    if not beam.segments or not total > 0:
+        raise InvalidInputError(f"Beam '{beam.name}' has no segments with MU; leave it out of the plan or "
+                                "sequence it again")
+    bounds = list(beam.leaf_boundaries_mm)
+    n_pairs = len(bounds) - 1
+    x1, x2, y1, y2 = beam.jaws_mm
+    ds = _beam_header(number, beam.name, beam.machine, beam.beam.sad_mm, radiation_type,
+                      [("ASYMX", 1, None), ("ASYMY", 1, None), ("MLCX", n_pairs, bounds)], 2 * len(beam.segments))
+    ds.BeamDescription = (f"Step-and-shoot IMRT, {len(beam.segments)} segments; leaf sequencing after "
+                          f"{ALGORITHM_CITATION}")[:1024]
+    # Cumulative weights as fractions of the beam meterset; the last is exactly 1 so that no
+    # rounding leaves a sliver of MU undelivered.
+    cumulative = [float(v) for v in np.cumsum([s.mu for s in beam.segments]) / total]
+    cumulative[-1] = 1.0
+    points = []
+    for k, seg in enumerate(beam.segments):
+        leaves = [*seg.left_mm, *seg.right_mm]
+        for end in (0, 1):
+            index = 2 * k + end
+            weight = cumulative[k] if end else (cumulative[k - 1] if k else 0.0)
+            if index == 0:
+                cp = _first_control_point(beam.beam.energy_mv, [("ASYMX", [x1, x2]), ("ASYMY", [y1, y2]),
+                                                                 ("MLCX", leaves)],
+                                          beam.beam.gantry_deg, 0.0, beam.beam.couch_deg, beam.beam.isocenter_mm)
+                cp.DoseRateSet = format_ds(beam.dose_rate_mu_per_min)
+            else:
+                cp = Dataset()
+                cp.ControlPointIndex = index
+                # Leaves change between segments, so PS3.3 C.8.8.14.5 wants them at every point.
+                cp.BeamLimitingDevicePositionSequence = _device_positions([("MLCX", leaves)])
+            cp.CumulativeMetersetWeight = format_ds(weight)
+            points.append(cp)
+    ds.ControlPointSequence = points
+    return ds
+
+
 def read_rtplan(path: str | Path) -> Plan:
-    """Read an RTPLAN file into a :class:`Plan` (label, prescriptions, approval, static beams).
+    """Read an RTPLAN file into a :class:`Plan` (label, prescriptions, approval, beams).
+
+    A beam with an MLCX bank whose leaves stand still while the meterset rises (step-and-shoot)
+    becomes a :class:`~twinrt.planning.plan.PlanBeam`: gantry, couch, isocentre, SAD, energy,
+    leaf boundaries, each segment's leaf positions and MU (its share of the cumulative meterset
+    weight times BeamMeterset); its jaws are not kept (they follow from the segments) and its
+    bixel width is the :class:`~twinrt.planning.beams.Beam` default. Any other beam (open field,
+    sliding window, arc, collimator not at 0) is read as a dict from its first control point.
 
     A prescription is read from each TARGET DoseReferenceSequence item that has a
     TargetPrescriptionDose; its fractions come from the fraction group that references it (else
@@ -241,10 +341,69 @@ def read_rtplan(path: str | Path) -> Plan:
     if groups:
         for rb in groups[0].get("ReferencedBeamSequence", []):
             meterset[int(rb.ReferencedBeamNumber)] = float(rb.get("BeamMeterset", 0) or 0)
-    beams = [_beam_dict(b, meterset) for b in ds.get("BeamSequence", [])]
+    beams: list[Any] = []
+    for b in ds.get("BeamSequence", []):
+        plan_beam = _plan_beam(b, meterset)
+        beams.append(plan_beam if plan_beam is not None else _beam_dict(b, meterset))
     radiation = str(ds.BeamSequence[0].get("RadiationType", "PHOTON")) if beams else "PHOTON"
     return Plan(label=str(ds.get("RTPlanLabel", "") or path.stem), prescriptions=prescriptions, beams=beams,
                 approval=str(ds.get("ApprovalStatus", "UNAPPROVED") or "UNAPPROVED"), radiation_type=radiation)
+
+
+def _num(ds: Dataset, keyword: str, default: float | None = None) -> float | None:
+    """A numeric attribute of ``ds``, ``default`` when absent or empty."""
+    value = ds.get(keyword)
+    return default if value in (None, "") else float(value)
+
+
+def _plan_beam(beam: Dataset, meterset: dict[int, float]) -> PlanBeam | None:
+    """The step-and-shoot :class:`PlanBeam` of a BeamSequence item, or None when it is not one."""
+    devices = {str(d.get("RTBeamLimitingDeviceType", "")): d for d in beam.get("BeamLimitingDeviceSequence", [])}
+    points = list(beam.get("ControlPointSequence", []))
+    mlc = devices.get("MLCX")
+    name = str(beam.get("BeamName", "") or f"Beam {beam.get('BeamNumber', '')}")
+    if mlc is None or not mlc.get("LeafPositionBoundaries") or len(points) < 2:
+        return None
+    cp0 = points[0]
+    if abs(_num(cp0, "BeamLimitingDeviceAngle", 0.0) % 360) > 1e-6:
+        log.info("Beam '%s': collimator not at 0; read as a plain beam", name)
+        return None
+    bounds = [float(v) for v in mlc.LeafPositionBoundaries]
+    n_pairs = len(bounds) - 1
+    final = _num(beam, "FinalCumulativeMetersetWeight", 1.0) or 1.0
+    mu_total = meterset.get(int(beam.BeamNumber), 0.0)
+    # Walk the control points carrying forward what a point leaves out (PS3.3 C.8.8.14.5).
+    leaves: list[float] | None = None
+    weight = 0.0
+    states = []
+    for cp in points:
+        for p in cp.get("BeamLimitingDevicePositionSequence", []):
+            if p.RTBeamLimitingDeviceType == "MLCX":
+                leaves = [float(v) for v in p.LeafJawPositions]
+        for keyword in ("GantryAngle", "PatientSupportAngle"):
+            if cp is not cp0 and keyword in cp and _num(cp, keyword) != _num(cp0, keyword):
+                log.info("Beam '%s': %s changes between control points; read as a plain beam", name, keyword)
+                return None
+        weight = _num(cp, "CumulativeMetersetWeight", weight) or 0.0
+        if leaves is None or len(leaves) != 2 * n_pairs:
+            return None
+        states.append((leaves, weight))
+    segments = []
+    for (start, w0), (stop, w1) in zip(states, states[1:]):
+        if w1 <= w0:
+            continue
+        if not np.allclose(start, stop, atol=1e-6):
+            log.info("Beam '%s': leaves move while the beam is on (dynamic MLC); read as a plain beam", name)
+            return None
+        segments.append(Segment(bounds, start[:n_pairs], start[n_pairs:], (w1 - w0) / final * mu_total))
+    if not segments:
+        return None
+    geometry = Beam(gantry_deg=_num(cp0, "GantryAngle", 0.0), couch_deg=_num(cp0, "PatientSupportAngle", 0.0),
+                    isocenter_mm=tuple(float(v) for v in cp0.get("IsocenterPosition", [0.0, 0.0, 0.0])),
+                    sad_mm=_num(beam, "SourceAxisDistance", 1000.0),
+                    energy_mv=_num(cp0, "NominalBeamEnergy", 6.0))
+    return PlanBeam(geometry, segments, name, str(beam.get("TreatmentMachineName", "") or "TwinRT"),
+                    _num(cp0, "DoseRateSet", 600.0))
 
 
 def _beam_dict(beam: Dataset, meterset: dict[int, float]) -> dict[str, Any]:
