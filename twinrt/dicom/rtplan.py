@@ -250,8 +250,9 @@ def _beam_dataset(beam: dict[str, Any], number: int, radiation_type: str) -> Dat
     """A static open field (two control points) from a beam dict."""
     b = {**BEAM_DEFAULTS, **beam}
     x1, x2, y1, y2 = (float(v) for v in b["jaws_mm"])
+    jaws_only = [("ASYMX", 1, None), ("ASYMY", 1, None)]
     ds = _beam_header(number, str(b.get("name", f"Beam {number}")), str(b["machine"]),
-                      float(b["source_axis_distance_mm"]), radiation_type, [("ASYMX", 1, None), ("ASYMY", 1, None)], 2)
+                      float(b["source_axis_distance_mm"]), radiation_type, jaws_only, 2)
     cp0 = _first_control_point(b["energy_mv"], [("ASYMX", [x1, x2]), ("ASYMY", [y1, y2])], b["gantry_angle_deg"],
                                b["collimator_angle_deg"], b["couch_angle_deg"], b["isocenter_mm"])
     cp1 = Dataset()
@@ -370,6 +371,8 @@ def _plan_beam(beam: Dataset, meterset: dict[int, float]) -> PlanBeam | None:
         return None
     bounds = [float(v) for v in mlc.LeafPositionBoundaries]
     n_pairs = len(bounds) - 1
+    # Segment MU = its share of the cumulative weight times BeamMeterset; planning systems use
+    # either 1 or the beam MU as the final weight, so divide by whatever the file states.
     final = _num(beam, "FinalCumulativeMetersetWeight", 1.0) or 1.0
     mu_total = meterset.get(int(beam.BeamNumber), 0.0)
     # Walk the control points carrying forward what a point leaves out (PS3.3 C.8.8.14.5).
@@ -398,6 +401,7 @@ def _plan_beam(beam: Dataset, meterset: dict[int, float]) -> PlanBeam | None:
         segments.append(Segment(bounds, start[:n_pairs], start[n_pairs:], (w1 - w0) / final * mu_total))
     if not segments:
         return None
+    # DICOM has no bixel width; the Beam default stands in (it only matters for re-sequencing).
     geometry = Beam(gantry_deg=_num(cp0, "GantryAngle", 0.0), couch_deg=_num(cp0, "PatientSupportAngle", 0.0),
                     isocenter_mm=tuple(float(v) for v in cp0.get("IsocenterPosition", [0.0, 0.0, 0.0])),
                     sad_mm=_num(beam, "SourceAxisDistance", 1000.0),

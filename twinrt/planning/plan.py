@@ -188,12 +188,14 @@ def sequence_plan(beams: list[BeamRays], weights: np.ndarray, prescriptions: lis
         # the plan: DICOM cannot describe a treatment beam that delivers nothing.
         beam_reports.append({"name": name or f"G{rays.beam.gantry_deg:g}", "delivered": bool(segments),
                              **sequencing_loss(w, delivered, segments, mu_per_weight_fraction)})
+    # Plan-wide errors weigh every bixel alike, so a heavily weighted beam counts for more.
     delivered_all = np.concatenate(delivered_parts) if delivered_parts else np.zeros(0)
     report: dict[str, Any] = {"beams": beam_reports, **sequencing_loss(weights, delivered_all),
                               "n_segments": sum(r["n_segments"] for r in beam_reports),
                               "total_mu": sum(r["total_mu"] for r in beam_reports)}
     dose = None
     if dij is not None:
+        # Same dij for both doses: the difference is the sequencing loss alone, not engine noise.
         ideal_dose = np.asarray(dij.dose(weights), dtype=np.float64)
         dose = dij.dose(delivered_all)
         norm = float(np.linalg.norm(ideal_dose))

@@ -225,6 +225,7 @@ def sweep_apertures(levels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, in
     # L (increases) and R (decreases) accumulated along the row: column j is open for R_j < u <= L_j.
     rise = np.cumsum(np.clip(steps, 0, None), axis=1)
     fall = np.cumsum(np.clip(-steps, 0, None), axis=1)
+    # The beam needs as many levels as its most modulated row; faster rows close early and wait.
     total = int(rise[:, -1].max()) if n_cols else 0
     segments: list[tuple[np.ndarray, np.ndarray, int]] = []
     for u in range(1, total + 1):
@@ -272,6 +273,7 @@ def sequence_beam(fluence: FluenceMap, levels: int = 10, leaf_width_mm: float = 
     cover = _overlap(bounds[:-1, None], bounds[1:, None], fluence.z_mm[None, :] - half,
                      fluence.z_mm[None, :] + half) / np.diff(bounds)[:, None]
     pair_mu = (cover @ fluence.values) * mu_per_unit_weight
+    # Quantise in MU (not in weight) so that the minimum-MU limit can act on the level size.
     intensity, unit = quantise(pair_mu, levels, min_segment_mu)
     col_lo, col_hi = fluence.x_mm - half, fluence.x_mm + half
     segments = []
@@ -306,9 +308,11 @@ def segments_to_weights(segments: list[Segment], rays: BeamRays, mu_per_unit_wei
     out = np.zeros(rays.n_rays)
     for seg in segments:
         bounds = np.asarray(seg.leaf_boundaries_mm)
-        # Open area of the aperture inside each bixel square, summed over leaf pairs.
+        # Open area of the aperture inside each bixel square, summed over leaf pairs: exact for any
+        # leaf width or leaf origin, and exactly the quantised fluence when leaves sit on bixel edges.
+        left, right = np.asarray(seg.left_mm)[None, :], np.asarray(seg.right_mm)[None, :]
         dz = _overlap(z - width / 2, z + width / 2, bounds[None, :-1], bounds[None, 1:])
-        dx = _overlap(x - width / 2, x + width / 2, np.asarray(seg.left_mm)[None, :], np.asarray(seg.right_mm)[None, :])
+        dx = _overlap(x - width / 2, x + width / 2, left, right)
         out += seg.mu * np.sum(dz * dx, axis=1) / (width * width)
     return out / mu_per_unit_weight
 
