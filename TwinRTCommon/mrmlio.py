@@ -743,8 +743,13 @@ def _doseScale(unit: str) -> float:
 
 
 def _planFromDict(data: dict) -> Plan:
+    from twinrt.planning.plan import PlanBeam
+
     prescriptions = [Prescription(**p) for p in data.get("prescriptions", [])]
-    return Plan(data.get("label", "TwinRT"), prescriptions, list(data.get("beams", [])),
+    # Sequenced beams (a "beam" geometry plus "segments") come back as PlanBeam; open-field dicts stay dicts.
+    beams = [PlanBeam.from_dict(b) if isinstance(b, dict) and "segments" in b and "beam" in b else b
+             for b in data.get("beams", [])]
+    return Plan(data.get("label", "TwinRT"), prescriptions, beams,
                 data.get("approval", "UNAPPROVED"), data.get("radiation_type", "PHOTON"))
 
 
