@@ -219,8 +219,8 @@ def _count_candidates(r0, cmat, ranges, c2, out):  # pragma: no cover - numba
         out[b] = total
 
 
-@numba.njit(cache=True, parallel=True)
-def _fill_bixels(slot_map, factors, r0, cmat, ranges, c2, sad, table, half, inv_step, rel_threshold,
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def _fill_bixels(slot_map, factors, r0, cmat, ranges, c2, sad, table, inv_step, rel_threshold,
                  offsets, rows, vals, counts):  # pragma: no cover - numba
     nj = slot_map.shape[1]
     ni = slot_map.shape[2]
@@ -249,10 +249,10 @@ def _fill_bixels(slot_map, factors, r0, cmat, ranges, c2, sad, table, half, inv_
                     z = rr2 + i * cz
                     if x * x + z * z > c2 * y * y:
                         continue
-                    # Offset from the central ray projected to the isocentre plane, in table cells.
+                    # |offset| from the central ray projected to the isocentre plane, in table cells.
                     f = sad / y * inv_step
-                    u = x * f + half
-                    w = z * f + half
+                    u = abs(x) * f
+                    w = abs(z) * f
                     iu = int(u)
                     iw = int(w)
                     fu = u - iu
@@ -282,6 +282,11 @@ def _fill_bixels(slot_map, factors, r0, cmat, ranges, c2, sad, table, half, inv_
 
 @numba.njit(cache=True)
 def _append(rows_buf, vals_buf, offsets, counts, out_rows, out_vals, out_start):  # pragma: no cover - numba
+    """Copy each bixel's values from the chunk buffer to the matrix.
+
+    Serial on purpose: the destination pages are written for the first time, and concurrent first
+    touches serialise on the kernel's page-table lock (measured 10x slower with two threads).
+    """
     pos = out_start
     for b in range(counts.shape[0]):
         s = offsets[b]
@@ -368,11 +373,51 @@ class _BeamSetup:
     ray_ssd_mm: np.ndarray
 
 
+def _covered(br: BeamRays, grid: Grid, calc: np.ndarray, cutoff_mm: float) -> np.ndarray:
+    """Calc voxels whose projection on the isocentre plane lies within the cut-off of some ray.
+
+    Only these need a radiological depth. The test is done on a raster of the isocentre plane
+    (distance transform of the ray positions) with a margin of 3 mm plus two raster steps, which
+    covers the raster's rounding and the small difference between this central-axis projection
+    and the per-bixel frame of the exact cut-off test made later.
+    """
+    from scipy import ndimage
+
+    beam = br.beam
+    flat = np.flatnonzero(calc.reshape(-1))
+    kk, jj, ii = np.unravel_index(flat, grid.shape)
+    m = grid.ijk_to_lps()
+    a = beam.rotation.T @ m[:3, :3]
+    off = beam.rotation.T @ (m[:3, 3] - beam.source_mm)
+    q = [off[r] + a[r, 0] * ii + a[r, 1] * jj + a[r, 2] * kk for r in range(3)]
+    ahead = q[1] > 1e-6
+    qy = np.where(ahead, q[1], 1.0)
+    ux = q[0] / qy * beam.sad_mm
+    uz = q[2] / qy * beam.sad_mm
+    rays = np.asarray(br.ray_bev_mm, dtype=float)[:, [0, 2]]
+    step = min(1.0, beam.bixel_width_mm / 4.0)
+    reach = cutoff_mm + 3.0 + 2.0 * step
+    lo = rays.min(axis=0) - reach - 2 * step
+    n = np.ceil((rays.max(axis=0) + reach + 2 * step - lo) / step).astype(int) + 1
+    marks = np.ones(tuple(n), dtype=bool)
+    ri = np.round((rays - lo) / step).astype(int)
+    marks[ri[:, 0], ri[:, 1]] = False
+    near = ndimage.distance_transform_edt(marks) * step <= reach
+    pi = np.round((ux - lo[0]) / step).astype(np.int64)
+    pk = np.round((uz - lo[1]) / step).astype(np.int64)
+    inside = ahead & (pi >= 0) & (pi < n[0]) & (pk >= 0) & (pk < n[1])
+    hit = np.zeros(flat.size, dtype=bool)
+    hit[inside] = near[pi[inside], pk[inside]]
+    out = np.zeros(calc.size, dtype=bool)
+    out[flat[hit]] = True
+    return out.reshape(calc.shape)
+
+
 def _setup_beam(br: BeamRays, density: np.ndarray, grid: Grid, calc: np.ndarray, machine: PhotonMachine,
-                ssd_threshold: float) -> _BeamSetup:
+                ssd_threshold: float, cutoff_mm: float) -> _BeamSetup:
     beam = br.beam
     src = beam.source_mm
-    depth = beam_depth_cube(density, grid, src, beam.rotation, calc)
+    depth = beam_depth_cube(density, grid, src, beam.rotation, calc & _covered(br, grid, calc, cutoff_mm))
     # SSD per ray along source → 2·ray − source (pyRadPlan's target points), then the kernel of
     # the ray nearest the central axis, falling back to the nearest ray that hits the patient.
     targets = 2.0 * br.ray_iso_plane_mm - src
@@ -391,8 +436,12 @@ def _setup_beam(br: BeamRays, density: np.ndarray, grid: Grid, calc: np.ndarray,
     slot_map.reshape(-1)[flat] = np.arange(flat.size, dtype=np.int32)
     d = depth.reshape(-1)[flat].astype(np.float64)
     kk, jj, ii = np.unravel_index(flat, grid.shape)
-    pts = grid.index_to_lps(np.stack([ii, jj, kk], axis=1).astype(float))
-    geo2 = np.sum((pts - src) ** 2, axis=1)
+    # Elementwise affine map (no BLAS call for a tall (n, 3) product).
+    m = grid.ijk_to_lps()
+    geo2 = np.zeros(flat.size)
+    for ax in range(3):
+        coord = (m[ax, 3] - src[ax]) + m[ax, 0] * ii + m[ax, 1] * jj + m[ax, 2] * kk
+        geo2 += coord * coord
     inv_sq = beam.sad_mm**2 / geo2
     factors = (machine.depth_dose(d) * inv_sq).T.astype(np.float32)
     return _BeamSetup(slot_map, np.ascontiguousarray(factors), kernel_ssd, ray_ssd)
@@ -494,7 +543,7 @@ def compute_dij(ct: Image, dose_grid: Grid, beams: list[BeamRays], calc_mask: np
     :param ssd_density_threshold: density above which a voxel counts as patient for the SSD.
     :param max_bytes: refuse (before computing) if the memory estimate exceeds this; default 80%
         of the currently available memory.
-    :param stats: optional dict, filled with ``nnz``, ``bytes``, ``seconds``, ``estimate``,
+    :param stats: optional dict, filled with ``nnz``, ``bytes``, ``seconds``, ``estimate``, ``timings``,
         ``kernel_ssd_mm`` (per beam) and ``ray_ssd_mm`` (per beam).
     :return: :class:`DoseInfluence` with a float32 CSC matrix (n_voxels, n_bixels).
     """
@@ -532,62 +581,79 @@ def compute_dij(ct: Image, dose_grid: Grid, beams: list[BeamRays], calc_mask: np
     bbox = np.stack([kji.min(0), kji.max(0) + 1], axis=1).astype(np.int64)   # (k, j, i) × [lo, hi)
     c2 = (lateral_cutoff_mm / machine.sad_mm) ** 2
     n_bix = estimate.n_bixels
-    indptr = np.zeros(n_bix + 1, dtype=np.int64)
-    capacity = max(1_000_000, estimate.nnz // 4)
-    rows = np.empty(capacity, dtype=np.int32)
-    vals = np.empty(capacity, dtype=np.float32)
-    nnz = 0
-    col = 0
-    kernel_ssds, ray_ssds = [], []
-    for bi, br in enumerate(beams):
-        report(progress, bi / len(beams), f"Beam {bi + 1}/{len(beams)}: ray tracing", cancel)
-        setup = _setup_beam(br, density, dose_grid, calc, machine, ssd_density_threshold)
-        kernel_ssds.append(setup.kernel_ssd_mm)
-        ray_ssds.append(setup.ray_ssd_mm)
-        table, step = lateral_kernel_table(machine, setup.kernel_ssd_mm, br.beam.bixel_width_mm,
-                                           lateral_cutoff_mm + 2.0)
-        half = (table.shape[0] - 1) // 2
+    m = dose_grid.ijk_to_lps()
+
+    # Geometry of every bixel first: its ray frame and an upper bound of its non-zeros (the voxels
+    # of its cone's rows), which sizes the chunks of bixels computed in parallel.
+    geometry = []
+    for br in beams:
         frames = _bixel_frames(br)                                            # (n, 3, 3)
-        m = dose_grid.ijk_to_lps()
         r0 = np.ascontiguousarray(frames @ (m[:3, 3] - br.beam.source_mm))    # (n, 3)
         cmat = np.ascontiguousarray(frames @ m[:3, :3])                       # (n, 3, 3): columns i, j, k
         ranges = _bixel_ranges(br, dose_grid, bbox, np.sqrt(c2))
         upper = np.empty(br.n_rays, np.int64)
         _count_candidates(r0, cmat, ranges, c2, upper)
-        # Chunks of bixels whose candidate buffers fit _CHUNK_ENTRIES (at least one bixel each).
+        geometry.append((r0, cmat, ranges, upper))
+    total_upper = int(sum(int(g[3].sum()) for g in geometry))
+    chunk = int(max(_CHUNK_ENTRIES, max(int(g[3].max()) for g in geometry)))
+    try:
+        buf_rows = np.empty(chunk, dtype=np.int32)
+        buf_vals = np.empty(chunk, dtype=np.float32)
+        # Reserved, not used: np.empty only maps virtual memory, pages become resident when written,
+        # and the final in-place shrink returns the rest. Growing instead would copy the matrix.
+        rows = np.empty(max(total_upper, 1), dtype=np.int32)
+        vals = np.empty(max(total_upper, 1), dtype=np.float32)
+    except MemoryError as exc:
+        raise InvalidInputError(f"Not enough memory for the dose-influence matrix ({estimate}); use a "
+                                "coarser dose grid or a smaller lateral cut-off") from exc
+    timings = {"preparation": time.perf_counter() - t_start, "ray tracing and kernels": 0.0,
+               "bixel doses": 0.0, "matrix assembly": 0.0}
+    indptr = np.zeros(n_bix + 1, dtype=np.int64)
+    nnz = 0
+    col = 0
+    kernel_ssds, ray_ssds = [], []
+    for bi, (br, (r0, cmat, ranges, upper)) in enumerate(zip(beams, geometry)):
+        report(progress, bi / len(beams), f"Beam {bi + 1}/{len(beams)}: ray tracing", cancel)
+        t0 = time.perf_counter()
+        setup = _setup_beam(br, density, dose_grid, calc, machine, ssd_density_threshold, lateral_cutoff_mm)
+        kernel_ssds.append(setup.kernel_ssd_mm)
+        ray_ssds.append(setup.ray_ssd_mm)
+        table, step = lateral_kernel_table(machine, setup.kernel_ssd_mm, br.beam.bixel_width_mm,
+                                           lateral_cutoff_mm + 2.0)
+        # The profile is symmetric in x and z: keep the quadrant x, z >= 0 (4x less cache).
+        half = (table.shape[0] - 1) // 2
+        table = np.ascontiguousarray(table[half:, half:, :])
+        timings["ray tracing and kernels"] += time.perf_counter() - t0
+        # Chunks of bixels whose candidates fit the buffer (at least one bixel each).
         b0 = 0
         while b0 < br.n_rays:
             b1 = b0 + 1
             total = upper[b0]
-            while b1 < br.n_rays and total + upper[b1] <= _CHUNK_ENTRIES:
+            while b1 < br.n_rays and total + upper[b1] <= chunk:
                 total += upper[b1]
                 b1 += 1
             report(progress, (bi + b0 / br.n_rays) / len(beams),
                    f"Beam {bi + 1}/{len(beams)}: bixels {b0 + 1}-{b1} of {br.n_rays}", cancel)
             offsets = np.zeros(b1 - b0 + 1, np.int64)
             np.cumsum(upper[b0:b1], out=offsets[1:])
-            buf_rows = np.empty(int(offsets[-1]), np.int32)
-            buf_vals = np.empty(int(offsets[-1]), np.float32)
             counts = np.empty(b1 - b0, np.int64)
+            t0 = time.perf_counter()
             _fill_bixels(setup.slot_map, setup.factors, r0[b0:b1], cmat[b0:b1], ranges[b0:b1], c2,
-                         machine.sad_mm, table, half, 1.0 / step, float(rel_threshold), offsets,
+                         machine.sad_mm, table, 1.0 / step, float(rel_threshold), offsets,
                          buf_rows, buf_vals, counts)
-            need = nnz + int(counts.sum())
-            if need > capacity:
-                # ndarray.resize reallocates in place (mremap for large blocks), so growing never
-                # holds two copies of the matrix; refcheck is safe, nothing else references them.
-                capacity = max(need, int(capacity * 1.5))
-                rows.resize(capacity, refcheck=False)
-                vals.resize(capacity, refcheck=False)
+            t1 = time.perf_counter()
+            timings["bixel doses"] += t1 - t0
             indptr[col + 1:col + 1 + b1 - b0] = nnz + np.cumsum(counts)
             nnz = _append(buf_rows, buf_vals, offsets, counts, rows, vals, nnz)
+            timings["matrix assembly"] += time.perf_counter() - t1
             col += b1 - b0
             b0 = b1
-            del buf_rows, buf_vals
         if indptr[col] == indptr[col - br.n_rays]:
             raise GeometryError(
                 f"Beam {bi} (gantry {br.beam.gantry_deg:g}°, couch {br.beam.couch_deg:g}°) deposits no dose in the "
                 "calculation region: it misses the patient. Check the isocentre, angles and rays")
+    del buf_rows, buf_vals
+    # Shrinking reallocates in place: no second copy of the matrix.
     rows.resize(nnz, refcheck=False)
     vals.resize(nnz, refcheck=False)
     from scipy import sparse
@@ -601,6 +667,6 @@ def compute_dij(ct: Image, dose_grid: Grid, beams: list[BeamRays], calc_mask: np
     logger.info("dij: %d bixels, %d non-zeros, %.1f MiB, %.1f s", n_bix, nnz, dij.nbytes / 2**20, seconds)
     report(progress, 1.0, f"Dose influence: {nnz / 1e6:.1f} M non-zeros, {dij.nbytes / 2**20:.0f} MiB", cancel)
     if stats is not None:
-        stats.update(nnz=int(nnz), bytes=int(dij.nbytes), seconds=seconds, estimate=estimate,
+        stats.update(nnz=int(nnz), bytes=int(dij.nbytes), seconds=seconds, estimate=estimate, timings=timings,
                      kernel_ssd_mm=np.array(kernel_ssds), ray_ssd_mm=ray_ssds)
     return dij

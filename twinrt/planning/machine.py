@@ -123,6 +123,16 @@ def _load_machine_cached(path: str) -> PhotonMachine:
     return machine
 
 
+def _convolve_full(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Full 2D linear convolution by FFT (``scipy.fft``; lighter to import than scipy.signal)."""
+    from scipy import fft
+
+    shape = (a.shape[0] + b.shape[0] - 1, a.shape[1] + b.shape[1] - 1)
+    fast = tuple(fft.next_fast_len(n, real=True) for n in shape)
+    out = fft.irfft2(fft.rfft2(a, fast) * fft.rfft2(b, fast), fast)
+    return out[: shape[0], : shape[1]]
+
+
 def lateral_kernel_table(machine: PhotonMachine, ssd_mm: float, bixel_width_mm: float, half_width_mm: float,
                          resolution_mm: float = 0.5) -> tuple[np.ndarray, float]:
     """The bixel's lateral dose profiles: square fluence ⊗ Gaussian penumbra ⊗ kernel_c, in the iso plane.
@@ -142,8 +152,6 @@ def lateral_kernel_table(machine: PhotonMachine, ssd_mm: float, bixel_width_mm: 
         ``step_mm·(-(n-1)/2 .. (n-1)/2)``; axis 0 is the x_bev offset and axis 1 the z_bev offset
         (the profile is symmetric in both). Units: 1/mm² × mm² = dimensionless fluence-kernel product.
     """
-    from scipy.signal import fftconvolve
-
     h = float(resolution_mm)
     if h <= 0 or bixel_width_mm <= 0 or half_width_mm <= 0:
         raise InvalidInputError("Bixel width, table half-width and resolution must be positive (mm)")
@@ -161,7 +169,7 @@ def lateral_kernel_table(machine: PhotonMachine, ssd_mm: float, bixel_width_mm: 
     n_g = int(np.ceil(5 * sigma / h))
     g = h * np.arange(-n_g, n_g + 1)
     gauss = h * h / (2 * np.pi * sigma**2) * np.exp(-(g[:, None] ** 2 + g[None, :] ** 2) / (2 * sigma**2))
-    blurred = fftconvolve(fluence, gauss, mode="full")          # half-size n_f + n_g
+    blurred = _convolve_full(fluence, gauss)          # half-size n_f + n_g
     n_b = n_f + n_g
 
     # Only the kernel out to the table edge plus the blurred bixel's reach can contribute, which
@@ -174,7 +182,7 @@ def lateral_kernel_table(machine: PhotonMachine, ssd_mm: float, bixel_width_mm: 
     table = np.empty((2 * n_out + 1, 2 * n_out + 1, machine.n_components), dtype=np.float32)
     for c in range(machine.n_components):
         kern = h * h * np.interp(r, machine.kernel_radius_mm, kernels[c], right=0.0)
-        conv = fftconvolve(blurred, kern, mode="full")             # centred at n_b + n_k
+        conv = _convolve_full(blurred, kern)             # centred at n_b + n_k
         centre = n_b + n_k
         lo, hi = centre - n_out, centre + n_out + 1
         if lo < 0:

@@ -28,19 +28,19 @@ from twinrt.geometry import Grid
 
 
 @numba.njit(cache=True, nogil=True)
-def _siddon_walk(a, b, ni, nj, nk, out_flat, out_a0, out_a1):  # pragma: no cover - numba
-    """Walk the ray ``a + α (b − a)``, α in [0, 1], through an (nk, nj, ni) grid in index space.
+def _siddon_walk(a, b, box, ni, nj, out_flat, out_a0, out_a1):  # pragma: no cover - numba
+    """Walk the ray ``a + α (b − a)``, α in [0, 1], through a box of voxels in index space.
 
-    Writes the flat C index ``(k*nj + j)*ni + i``, entry α and exit α of every crossed voxel
-    (zero-length touches are skipped) and returns how many were written.
+    ``box`` is (i0, i1, j0, j1, k0, k1), half-open voxel index ranges inside an (nk, nj, ni)
+    grid. Writes the flat C index ``(k*nj + j)*ni + i``, entry α and exit α of every crossed
+    voxel (zero-length touches are skipped) and returns how many were written.
     """
-    n = (ni, nj, nk)
     d = (b[0] - a[0], b[1] - a[1], b[2] - a[2])
     amin = 0.0
     amax = 1.0
     for ax in range(3):
-        lo = -0.5
-        hi = n[ax] - 0.5
+        lo = box[2 * ax] - 0.5
+        hi = box[2 * ax + 1] - 0.5
         if d[ax] == 0.0:
             if a[ax] < lo or a[ax] > hi:
                 return 0
@@ -66,7 +66,7 @@ def _siddon_walk(a, b, ni, nj, nk, out_flat, out_a0, out_a1):  # pragma: no cove
             v = int(np.ceil(p - 0.5))
         else:
             v = int(np.floor(p + 0.5))
-        v = min(max(v, 0), n[ax] - 1)
+        v = min(max(v, box[2 * ax]), box[2 * ax + 1] - 1)
         idx[ax] = v
         if d[ax] > 0.0:
             step[ax] = 1
@@ -100,38 +100,51 @@ def _siddon_walk(a, b, ni, nj, nk, out_flat, out_a0, out_a1):  # pragma: no cove
             break
         idx[ax] += step[ax]
         tnext[ax] += tdelta[ax]
-        if idx[ax] < 0 or idx[ax] >= n[ax]:
+        if idx[ax] < box[2 * ax] or idx[ax] >= box[2 * ax + 1]:
             break
     return count
 
 
-@numba.njit(cache=True, parallel=True)
-def _depths_to_points(density, src, pts, lengths_mm, ni, nj, nk, out):  # pragma: no cover - numba
-    nmax = ni + nj + nk + 4
-    for p in numba.prange(pts.shape[0]):
-        flat = np.empty(nmax, np.int64)
-        a0 = np.empty(nmax, np.float64)
-        a1 = np.empty(nmax, np.float64)
-        cnt = _siddon_walk(src, pts[p], ni, nj, nk, flat, a0, a1)
-        acc = 0.0
-        for s in range(cnt):
-            acc += (a1[s] - a0[s]) * lengths_mm[p] * density[flat[s]]
-        out[p] = acc
+@numba.njit(cache=True, nogil=True)
+def _n_blocks(n):  # pragma: no cover - numba
+    # Enough blocks to balance two to a few dozen threads; per-block (not per-ray) scratch
+    # buffers, because allocating inside a parallel loop serialises on the allocator.
+    return min(n, 64)
 
 
 @numba.njit(cache=True, parallel=True)
-def _ssd_of_rays(density, src, pts, lengths_mm, threshold, ni, nj, nk, out):  # pragma: no cover - numba
+def _depths_to_points(density, src, pts, lengths_mm, box, ni, nj, nk, out):  # pragma: no cover - numba
     nmax = ni + nj + nk + 4
-    for p in numba.prange(pts.shape[0]):
+    n = pts.shape[0]
+    nb = _n_blocks(n)
+    for blk in numba.prange(nb):
         flat = np.empty(nmax, np.int64)
         a0 = np.empty(nmax, np.float64)
         a1 = np.empty(nmax, np.float64)
-        cnt = _siddon_walk(src, pts[p], ni, nj, nk, flat, a0, a1)
-        out[p] = np.nan
-        for s in range(cnt):
-            if density[flat[s]] > threshold:
-                out[p] = a0[s] * lengths_mm[p]
-                break
+        for p in range(blk * n // nb, (blk + 1) * n // nb):
+            cnt = _siddon_walk(src, pts[p], box, ni, nj, flat, a0, a1)
+            acc = 0.0
+            for s in range(cnt):
+                acc += (a1[s] - a0[s]) * lengths_mm[p] * density[flat[s]]
+            out[p] = acc
+
+
+@numba.njit(cache=True, parallel=True)
+def _ssd_of_rays(density, src, pts, lengths_mm, threshold, box, ni, nj, nk, out):  # pragma: no cover - numba
+    nmax = ni + nj + nk + 4
+    n = pts.shape[0]
+    nb = _n_blocks(n)
+    for blk in numba.prange(nb):
+        flat = np.empty(nmax, np.int64)
+        a0 = np.empty(nmax, np.float64)
+        a1 = np.empty(nmax, np.float64)
+        for p in range(blk * n // nb, (blk + 1) * n // nb):
+            cnt = _siddon_walk(src, pts[p], box, ni, nj, flat, a0, a1)
+            out[p] = np.nan
+            for s in range(cnt):
+                if density[flat[s]] > threshold:
+                    out[p] = a0[s] * lengths_mm[p]
+                    break
 
 
 @numba.njit(cache=True, parallel=True)
@@ -158,26 +171,29 @@ def _owner_lattice(flat_ix, ni, nj, m, off, y_far, spacing, ox, oz, ok):  # prag
 
 @numba.njit(cache=True, parallel=True)
 def _trace_owner_rays(density, ray_of_voxel, src_idx, bev_to_idx, ray_ox, ray_oz, y_far, spacing,
-                      ni, nj, nk, depth):  # pragma: no cover - numba
+                      box, ni, nj, nk, depth):  # pragma: no cover - numba
     nmax = ni + nj + nk + 4
-    for r in numba.prange(ray_ox.shape[0]):
+    n = ray_ox.shape[0]
+    nb = _n_blocks(n)
+    for blk in numba.prange(nb):
         flat = np.empty(nmax, np.int64)
         a0 = np.empty(nmax, np.float64)
         a1 = np.empty(nmax, np.float64)
-        tx = ray_ox[r] * spacing
-        tz = ray_oz[r] * spacing
-        length = np.sqrt(tx * tx + y_far * y_far + tz * tz)
         tgt = np.empty(3, np.float64)
-        for ax in range(3):
-            tgt[ax] = src_idx[ax] + bev_to_idx[ax, 0] * tx + bev_to_idx[ax, 1] * y_far + bev_to_idx[ax, 2] * tz
-        cnt = _siddon_walk(src_idx, tgt, ni, nj, nk, flat, a0, a1)
-        acc = 0.0
-        for s in range(cnt):
-            seg = (a1[s] - a0[s]) * length * density[flat[s]]
-            # Only the ray that owns a voxel writes it, so parallel rays never write the same voxel.
-            if ray_of_voxel[flat[s]] == r:
-                depth[flat[s]] = acc + 0.5 * seg
-            acc += seg
+        for r in range(blk * n // nb, (blk + 1) * n // nb):
+            tx = ray_ox[r] * spacing
+            tz = ray_oz[r] * spacing
+            length = np.sqrt(tx * tx + y_far * y_far + tz * tz)
+            for ax in range(3):
+                tgt[ax] = src_idx[ax] + bev_to_idx[ax, 0] * tx + bev_to_idx[ax, 1] * y_far + bev_to_idx[ax, 2] * tz
+            cnt = _siddon_walk(src_idx, tgt, box, ni, nj, flat, a0, a1)
+            acc = 0.0
+            for s in range(cnt):
+                seg = (a1[s] - a0[s]) * length * density[flat[s]]
+                # Only the ray that owns a voxel writes it, so parallel rays never write the same voxel.
+                if ray_of_voxel[flat[s]] == r:
+                    depth[flat[s]] = acc + 0.5 * seg
+                acc += seg
 
 
 def _check_density(density: np.ndarray, grid: Grid) -> np.ndarray:
@@ -186,6 +202,18 @@ def _check_density(density: np.ndarray, grid: Grid) -> np.ndarray:
     if not np.all(np.isfinite(d)) or (d.size and d.min() < 0):
         raise InvalidInputError("Density must be finite and >= 0 (relative electron density)")
     return d
+
+
+def _density_box(density: np.ndarray, shape: tuple[int, int, int]) -> tuple[int, int, int, int, int, int]:
+    """(i0, i1, j0, j1, k0, k1) bounding the non-zero density; rays need not walk the empty rest."""
+    nz = density.reshape(shape) > 0
+    if not nz.any():
+        return (0, 0, 0, 0, 0, 0)
+    out = []
+    for axes in ((0, 1), (0, 2), (1, 2)):                    # i, j, k in turn
+        hit = np.flatnonzero(nz.any(axis=axes))
+        out += [int(hit[0]), int(hit[-1]) + 1]
+    return tuple(out)  # type: ignore[return-value]
 
 
 def _to_index(grid: Grid, points_mm: np.ndarray) -> np.ndarray:
@@ -211,7 +239,7 @@ def trace_ray(density: np.ndarray, grid: Grid, source_mm: np.ndarray,
     flat = np.empty(nmax, np.int64)
     a0 = np.empty(nmax, np.float64)
     a1 = np.empty(nmax, np.float64)
-    cnt = _siddon_walk(a, b, ni, nj, nk, flat, a0, a1)
+    cnt = _siddon_walk(a, b, (0, ni, 0, nj, 0, nk), ni, nj, flat, a0, a1)
     return flat[:cnt].copy(), (a1[:cnt] - a0[:cnt]) * total
 
 
@@ -229,7 +257,8 @@ def radiological_depth(density: np.ndarray, grid: Grid, source_mm: np.ndarray, p
     lengths = np.linalg.norm(pts_mm - src_mm, axis=1)
     out = np.empty(pts_mm.shape[0])
     nk, nj, ni = grid.shape
-    _depths_to_points(d, _to_index(grid, src_mm).reshape(3), _to_index(grid, pts_mm), lengths, ni, nj, nk, out)
+    _depths_to_points(d, _to_index(grid, src_mm).reshape(3), _to_index(grid, pts_mm), lengths,
+                      _density_box(d, grid.shape), ni, nj, nk, out)
     return out
 
 
@@ -250,7 +279,7 @@ def ssd_along_rays(density: np.ndarray, grid: Grid, source_mm: np.ndarray, targe
     out = np.empty(pts_mm.shape[0])
     nk, nj, ni = grid.shape
     _ssd_of_rays(d, _to_index(grid, src_mm).reshape(3), _to_index(grid, pts_mm), lengths, float(threshold),
-                 ni, nj, nk, out)
+                 _density_box(d, grid.shape), ni, nj, nk, out)
     return out
 
 
@@ -289,16 +318,30 @@ def beam_depth_cube(density: np.ndarray, grid: Grid, source_mm: np.ndarray, rota
     flat_ix, ox, oz = flat_ix[ok], ox[ok], oz[ok]
     if flat_ix.size == 0:
         return depth.reshape(grid.shape)
+    # Number the lattice points that own a voxel through a dense table of the lattice window
+    # (O(n), no sort): only those rays are traced.
     span_z = int(oz.max() - oz.min() + 1)
     keys = (ox - ox.min()) * span_z + (oz - oz.min())
-    uniq, inverse = np.unique(keys, return_inverse=True)
+    used = np.zeros(int(keys.max()) + 1, dtype=bool)
+    used[keys] = True
+    uniq = np.flatnonzero(used)
+    ray_number = np.cumsum(used, dtype=np.int64) - 1
     ray_of_voxel = np.full(nk * nj * ni, -1, dtype=np.int32)
-    ray_of_voxel[flat_ix] = inverse.astype(np.int32)
+    ray_of_voxel[flat_ix] = ray_number[keys].astype(np.int32)
     ray_ox = uniq // span_z + ox.min()
     ray_oz = uniq % span_z + oz.min()
     # A BEV vector (relative to the source) maps to index space by A^-1 R.
     bev_to_idx = np.linalg.inv(ijk_to_lps[:3, :3]) @ rot
+    # Walk only the box of non-zero density plus the requested voxels: depth accrues only there.
+    kji = np.unravel_index(flat_ix, grid.shape)
+    lo = [int(kji[2].min()), int(kji[1].min()), int(kji[0].min())]
+    hi = [int(kji[2].max()) + 1, int(kji[1].max()) + 1, int(kji[0].max()) + 1]
+    dbox = _density_box(d, grid.shape)
+    if dbox[1] > dbox[0]:
+        lo = [min(lo[a], dbox[2 * a]) for a in range(3)]
+        hi = [max(hi[a], dbox[2 * a + 1]) for a in range(3)]
+    box = (lo[0], hi[0], lo[1], hi[1], lo[2], hi[2])
     src_idx = _to_index(grid, src).reshape(3)
     _trace_owner_rays(d, ray_of_voxel, src_idx, np.ascontiguousarray(bev_to_idx), ray_ox.astype(np.int64),
-                      ray_oz.astype(np.int64), y_far, spacing, ni, nj, nk, depth)
+                      ray_oz.astype(np.int64), y_far, spacing, box, ni, nj, nk, depth)
     return depth.reshape(grid.shape)
