@@ -175,6 +175,8 @@ def _fused_value_grad(indptr, cols, vals, w, y_pre, term_ptr, term_ids, t_code, 
     fval = np.zeros(n_chunks)
     for c in numba.prange(n_chunks):
         f = 0.0
+        # A chunk-local accumulator (n_bix float64, cache-resident), copied out once per chunk.
+        loc = np.zeros(n_bix)
         for r in range(c * n_rows // n_chunks, (c + 1) * n_rows // n_chunks):
             s = indptr[r]
             e = indptr[r + 1]
@@ -200,7 +202,8 @@ def _fused_value_grad(indptr, cols, vals, w, y_pre, term_ptr, term_ids, t_code, 
             if g != 0.0:
                 # The row was just read: this second sweep comes from cache.
                 for k in range(s, e):
-                    acc[c, cols[k]] += vals[k] * g
+                    loc[cols[k]] += vals[k] * g
+        acc[c] = loc
         fval[c] = f
     grad = np.zeros(n_bix)
     total = 0.0
@@ -631,7 +634,9 @@ def _optimize(dij: DoseInfluence, structures: Sequence[Structure], objectives: S
         over = inactive_over(rows_dose, 1.0)
         excess = (float(rows_dose.max()) - max_dose_gy) if max_dose_gy is not None else 0.0
         escalate = (max_dose_gy is not None and excess > _MAX_DOSE_TOLERANCE * max_dose_gy and escalations < 3)
-        if iterations >= max_iter or not (grow.any() or escalate) or (res.nit == 0 and not grow.any()):
+        # res.status 1 means the stage's iteration (or evaluation) budget ran out, not convergence.
+        if iterations >= max_iter or (res.status != 1 and not (grow.any() or escalate)) or (
+                res.nit == 0 and not grow.any()):
             break
         if grow.any():
             logger.info("Active set grows by %d voxels", int(grow.sum()))
