@@ -51,7 +51,7 @@ from twinrt.progress import CancelToken, ProgressCallback, report
 logger = logging.getLogger(__name__)
 
 #: Default relative threshold: values below this fraction of the bixel's maximum are dropped.
-DEFAULT_REL_THRESHOLD = 1e-3
+DEFAULT_REL_THRESHOLD = 5e-4
 #: Electron density above which a voxel counts as patient when finding the SSD (pyRadPlan).
 SSD_DENSITY_THRESHOLD = 0.05
 #: Upper bound on the candidates buffered per chunk of bixels (8 bytes each).

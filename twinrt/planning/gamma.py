@@ -78,7 +78,7 @@ def gamma_pass_rate(reference_gy: np.ndarray, reference_grid: Grid, evaluated_gy
     axes_ev, flip_ev = _axes(evaluated_grid)
     gamma = pymedphys.gamma(axes_ref, ref[flip_ref], axes_ev, ev[flip_ev], dose_percent, distance_mm,
                             lower_percent_dose_cutoff=lower_percent_dose_cutoff, interp_fraction=interp_fraction,
-                            max_gamma=max_gamma, local_gamma=local_gamma, random_subset=random_subset, quiet=True)
+                            max_gamma=max_gamma, local_gamma=local_gamma, random_subset=random_subset)
     gamma = np.asarray(gamma)[flip_ref]
     valid = np.isfinite(gamma)
     n = int(valid.sum())
