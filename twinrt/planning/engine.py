@@ -21,8 +21,12 @@ mm; default 50 mm, pyRadPlan's ``geometric_lateral_cutoff``). Each bixel's colum
 only over those voxels: rows of the dose grid are intersected analytically with the bixel's cone.
 
 **Sparsity threshold.** With ``rel_threshold > 0`` a bixel's values below ``rel_threshold`` × its
-own maximum are dropped (default :data:`DEFAULT_REL_THRESHOLD`); with 0 every computed positive
-value is kept, as pyRadPlan does.
+own maximum are dropped (default :data:`DEFAULT_REL_THRESHOLD` = 5e-4); with 0 every computed
+positive value is kept, as pyRadPlan does. Measured on TG-119 (9 beams, 5 mm bixels, 3 mm dose
+grid): 177 M non-zeros (1.32 GiB) without it, 120 M (0.89 GiB) with 5e-4; the dropped kernel tail
+lowers the plan dose by 0.6% of the maximum on average where it exceeds 10% (2% of the local
+dose there), and gamma 3%/3 mm against pyRadPlan stays at 99.8%. 1e-3 halves the matrix again
+but costs 2% of the maximum (gamma 96.5%), which is why it is not the default.
 
 **Storage.** The CSC matrix is built directly, column by column, with int32 row indices and
 float32 values (int64 only beyond 2³¹ non-zeros); rows are sorted within every column.
@@ -50,7 +54,8 @@ from twinrt.progress import CancelToken, ProgressCallback, report
 
 logger = logging.getLogger(__name__)
 
-#: Default relative threshold: values below this fraction of the bixel's maximum are dropped.
+#: Default relative threshold: values below this fraction of the bixel's maximum are dropped
+#: (see the module docstring for its measured cost and gain).
 DEFAULT_REL_THRESHOLD = 5e-4
 #: Electron density above which a voxel counts as patient when finding the SSD (pyRadPlan).
 SSD_DENSITY_THRESHOLD = 0.05
@@ -160,7 +165,8 @@ def estimate_dij_memory(dose_grid: Grid, beams: list[BeamRays], calc_mask: np.nd
         t0, t1 = max(float(t.min()), 1.0), max(float(t.max()), 1.0)
         # Cone volume between t0 and t1 for radius cutoff·t/SAD, plus one voxel of slack around it.
         r_scale = lateral_cutoff_mm / b.beam.sad_mm
-        vol = np.pi * r_scale**2 * (t1**3 - t0**3) / 3.0 + 2 * np.pi * r_scale * vox_vol ** (1 / 3) * (t1**2 - t0**2) / 2
+        slack = vox_vol ** (1 / 3)
+        vol = np.pi * r_scale**2 * (t1**3 - t0**3) / 3.0 + np.pi * r_scale * slack * (t1**2 - t0**2)
         nnz += b.n_rays * int(min(n_calc, vol / vox_vol))
     idx_bytes = 4 if nnz < 2**31 - 1 else 8
     matrix = nnz * (4 + idx_bytes) + (n_bix + 1) * idx_bytes
