@@ -41,7 +41,7 @@ class PlanSetup:
     :param couch_deg: couch angle of every beam (degrees).
     :param isocenter_mm: isocentre (LPS, mm); default: centroid of the union of the targets.
     :param bixel_width_mm: bixel size in the isocentre plane (mm).
-    :param dose_grid_mm: dose-grid spacing (mm).
+    :param dose_grid_mm: dose-grid spacing (mm); ``None`` computes dose on the CT grid itself.
     :param lateral_cutoff_mm: dij lateral cut-off (mm).
     :param max_iter: optimiser iterations.
     :param smoothness_weight: fluence smoothness penalty (0: none).
@@ -55,7 +55,7 @@ class PlanSetup:
     couch_deg: float = 0.0
     isocenter_mm: Optional[tuple[float, float, float]] = None
     bixel_width_mm: float = 5.0
-    dose_grid_mm: float = 5.0
+    dose_grid_mm: Optional[float] = 5.0
     lateral_cutoff_mm: float = 50.0
     max_iter: int = 200
     smoothness_weight: float = 0.0
@@ -123,11 +123,18 @@ class PlanningResult:
 
 
 def body_structure(case: Case) -> Structure:
-    """The case's external structure, or one thresholded from the CT (> -500 HU) when it has none."""
+    """The case's external structure, or one made from the CT when it has none.
+
+    The made one is every voxel above -500 HU plus every voxel of every structure: targets are
+    often drawn a few millimetres into the air at the skin (PTV margins), and dose is computed only
+    inside the body, so leaving them out would leave those target voxels without dose.
+    """
     for s in case.structures:
         if s.type == StructureType.EXTERNAL and not s.is_empty:
             return s
     mask = case.ct.array > BODY_THRESHOLD_HU
+    for s in case.structures:
+        mask |= s.on_grid(case.ct.grid)
     if not mask.any():
         raise StructureError("The CT has no voxel above -500 HU, so no patient outline can be found; "
                              "check the CT's rescale (HU) or add an external structure", AUTO_BODY_NAME)
@@ -146,24 +153,51 @@ def _prescriptions(case: Case, prescriptions: Optional[Sequence[Prescription]]) 
     return pres
 
 
+def optimization_structures(case: Case, prescriptions: Sequence[Prescription]) -> list[Structure]:
+    """The structures the optimiser sees: nested targets made disjoint, higher dose first.
+
+    With a simultaneous integrated boost (PTV70 inside PTV56, say) a voxel in both would be pulled
+    to two doses. As planners do with "optimisation structures", each target keeps only the voxels
+    not in a target with a higher prescription; names are unchanged so objectives still refer to
+    them. Other structures are returned as they are (the optimiser resolves target/organ overlap).
+    """
+    order = sorted(prescriptions, key=lambda p: -p.dose_gy)
+    taken = np.zeros(case.ct.grid.shape, bool)
+    replaced: dict[str, Structure] = {}
+    for p in order:
+        s = case.structure(p.target)
+        mask = s.on_grid(case.ct.grid) & ~taken
+        taken |= s.on_grid(case.ct.grid)
+        if not mask.any():
+            raise StructureError(f"Target '{s.name}' lies entirely inside a target with a higher prescription; "
+                                 "remove one of the prescriptions", s.name)
+        replaced[s.name] = Structure(s.name, mask, case.ct.grid, s.color, s.type)
+    return [replaced.get(s.name, s) for s in case.structures]
+
+
 def default_objectives(case: Case, prescriptions: Optional[Sequence[Prescription]] = None) -> list[dict[str, Any]]:
     """A starting objective set: each target at its prescription, organs and body kept low.
 
-    Targets: squared deviation from the prescription (weight 1000, the TG-119 example's priority).
-    Organs at risk: squared overdose above 50 % of the highest prescription (weight 100) and a
-    mean-dose objective at 40 % (weight 10). Body: squared overdose above 105 % of the highest
-    prescription (weight 100), which limits hot spots outside the targets.
+    Targets: squared deviation from the prescription (weight 1000, the TG-119 example's priority)
+    and squared underdose below 95 % of it (weight 3000), since coverage comes first. Organs at
+    risk: squared overdose above 50 % of the highest prescription (weight 30) and a mean-dose
+    objective at 40 % (weight 3). Body: squared overdose above 105 % of the highest prescription
+    (weight 100), which limits hot spots outside the targets. Issue 4's virtual planner adjusts
+    these against clinical goals; they are a starting point, not a protocol.
     """
     pres = _prescriptions(case, prescriptions)
     rx_max = max(p.dose_gy for p in pres)
-    objs: list[dict[str, Any]] = [{"structure": p.target, "kind": "squared_deviation", "dose_gy": p.dose_gy,
-                                   "weight": 1000.0} for p in pres]
+    objs: list[dict[str, Any]] = []
+    for p in pres:
+        objs.append({"structure": p.target, "kind": "squared_deviation", "dose_gy": p.dose_gy, "weight": 1000.0})
+        objs.append({"structure": p.target, "kind": "squared_underdose", "dose_gy": 0.95 * p.dose_gy,
+                     "weight": 3000.0})
     targets = {p.target.lower() for p in pres}
     for s in case.structures:
         if s.is_empty or s.name.lower() in targets or s.type != StructureType.ORGAN:
             continue
-        objs.append({"structure": s.name, "kind": "squared_overdose", "dose_gy": 0.5 * rx_max, "weight": 100.0})
-        objs.append({"structure": s.name, "kind": "mean_dose", "dose_gy": 0.4 * rx_max, "weight": 10.0})
+        objs.append({"structure": s.name, "kind": "squared_overdose", "dose_gy": 0.5 * rx_max, "weight": 30.0})
+        objs.append({"structure": s.name, "kind": "mean_dose", "dose_gy": 0.4 * rx_max, "weight": 3.0})
     objs.append({"structure": body_structure(case).name, "kind": "squared_overdose", "dose_gy": 1.05 * rx_max,
                  "weight": 100.0})
     return objs
@@ -231,7 +265,7 @@ def plan_case(case: Case, objectives: Optional[Sequence[Objective | dict[str, An
     setup = setup or PlanSetup()
     pres = _prescriptions(case, prescriptions)
     body = body_structure(case)
-    structures = list(case.structures) + ([body] if body.name == AUTO_BODY_NAME else [])
+    structures = optimization_structures(case, pres) + ([body] if body.name == AUTO_BODY_NAME else [])
     objective_dicts = [o if isinstance(o, dict) else o.to_dict() for o in (objectives or default_objectives(case, pres))]
     objs = [objective_from_dict(o) for o in objective_dicts]
     grid = case.ct.grid
@@ -248,7 +282,7 @@ def plan_case(case: Case, objectives: Optional[Sequence[Objective | dict[str, An
     report(progress, 0.0, "Generating rays", cancel)
     beams = [generate_rays(Beam(g, setup.couch_deg, iso, bixel_width_mm=setup.bixel_width_mm), target_mask, grid,
                            body.on_grid(grid)) for g in setup.gantry_deg]
-    dose_grid = dose_grid_for(grid, setup.dose_grid_mm)
+    dose_grid = grid if setup.dose_grid_mm is None else dose_grid_for(grid, setup.dose_grid_mm)
     timings["rays_s"] = time.perf_counter() - t0
 
     def sub(lo: float, hi: float) -> Optional[ProgressCallback]:
