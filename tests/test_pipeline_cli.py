@@ -34,8 +34,11 @@ def test_demo_writes_dicom_scene_and_report(tmp_path, capsys):
     assert report.count("data:image/png;base64,") >= 2  # DVH plot and dose overlay
     assert "PTV70" in report and "not available yet (issue 6)" in report
     summary = json.loads((out / "summary.json").read_text())
-    ptv70 = next(r for r in summary["metrics"] if r["structure"] == "PTV70")
-    assert 60 < ptv70["mean_gy"] < 80
+    assert summary["doses"] == ["reference", "planned"]
+    for dose in summary["doses"]:
+        ptv70 = next(r for r in summary["metrics"] if r["structure"] == "PTV70" and r["dose"] == dose)
+        assert 66.5 < ptv70["mean_gy"] < 73.5, (dose, ptv70["mean_gy"])  # within 5 % of 70 Gy
+    assert "Plan (AIPlanner)" in report and "UNAPPROVED" in report
     if with_scene:
         assert (out / "scene.mrb").stat().st_size > 100_000
     if dciodvfy_path():

@@ -34,15 +34,15 @@ def _print_progress(fraction: float, text: str) -> None:
     print(f"\r[{bar:<30}] {fraction * 100:5.1f}% {text:<40}", end="" if fraction < 1 else "\n", flush=True)
 
 
-def _cmd_run(dicom_dir: Path, out: Path, no_scene: bool) -> int:
+def _cmd_run(dicom_dir: Path, out: Path, no_scene: bool, no_plan: bool = False) -> int:
     from twinrt.pipeline import run_pipeline
 
     t0 = time.perf_counter()
-    res = run_pipeline(dicom_dir, out, write_scene=not no_scene, progress=_print_progress)
+    res = run_pipeline(dicom_dir, out, write_scene=not no_scene, plan=not no_plan, progress=_print_progress)
     print()
-    print(f"{'stage':<34} {'seconds':>8}  status")
+    print(f"{'stage':<38} {'seconds':>8}  status")
     for name, secs, status in res.timings:
-        print(f"{name:<34} {secs:8.2f}  {status}")
+        print(f"{name:<38} {secs:8.2f}  {status}")
     print(f"total {time.perf_counter() - t0:.1f} s")
     for label, path in res.outputs.items():
         print(f"{label:>8}: {path}")
@@ -114,10 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run the All-in-One pipeline on the bundled sample patient")
     d.add_argument("--out", type=Path, default=Path("twinrt-output"), help="output folder (default twinrt-output)")
     d.add_argument("--no-scene", action="store_true", help="skip the Slicer scene (.mrb)")
+    d.add_argument("--no-plan", action="store_true", help="skip planning (only evaluate the doses in the input)")
     r = sub.add_parser("run", help="run the All-in-One pipeline on a DICOM patient folder")
     r.add_argument("dicom_dir", type=Path)
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--no-scene", action="store_true", help="skip the Slicer scene (.mrb)")
+    r.add_argument("--no-plan", action="store_true", help="skip planning (only evaluate the doses in the input)")
     e = sub.add_parser("export", help="write an OpenKBP patient or the TG-119 phantom as DICOM")
     g = e.add_mutually_exclusive_group(required=True)
     g.add_argument("--openkbp", type=Path, help="an OpenKBP pt_N.npz file")
@@ -141,9 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from twinrt.sample import sample_dicom_dir
 
-            return _cmd_run(sample_dicom_dir(), args.out, args.no_scene)
+            return _cmd_run(sample_dicom_dir(), args.out, args.no_scene, args.no_plan)
         if args.command == "run":
-            return _cmd_run(args.dicom_dir, args.out, args.no_scene)
+            return _cmd_run(args.dicom_dir, args.out, args.no_scene, args.no_plan)
         if args.command == "export":
             return _cmd_export(args)
         if args.command == "dvh":

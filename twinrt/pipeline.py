@@ -1,9 +1,10 @@
 """The All-in-One pipeline: from a DICOM patient folder to DICOM-RT, a Slicer scene and a report.
 
-At this stage (foundation) the pipeline imports the patient, computes DVH metrics of its dose,
-writes DICOM-RT, the Slicer scene ``.mrb`` and an HTML report. The AI stages (contouring, dose
-prediction, planning, digital twin, toxicity) are listed in the report as not available until
-their issues land; they are added here as they do.
+The pipeline imports the patient, plans it with AIPlanner's engine when it has a prescription
+(beams, dij, fluence optimisation, leaf sequencing), computes DVH metrics of every dose, and writes
+DICOM-RT, the Slicer scene ``.mrb`` and an HTML report. The stages that later issues add
+(contouring, dose prediction, the planning agent, digital twin, toxicity) are listed in the report
+as not available until their issues land.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from twinrt.model import Case
 from twinrt.progress import CancelToken, ProgressCallback, report
 
 #: Stages that later issues add, in pipeline order, with the issue that builds each.
-PENDING_STAGES = [("contour (AutoContour)", 6), ("dose prediction (DosePredict)", 5),
-                  ("planning (AIPlanner)", 3), ("digital twin (DigitalTwin)", 7),
-                  ("toxicity risk (ToxicityMonitor)", 8)]
+PENDING_STAGES_BEFORE_PLAN = [("contour (AutoContour)", 6), ("dose prediction (DosePredict)", 5)]
+PENDING_STAGES_AFTER_PLAN = [("planning agent and goals (AIPlanner)", 4), ("digital twin (DigitalTwin)", 7),
+                             ("toxicity risk (ToxicityMonitor)", 8)]
+#: Name of the dose of TwinRT's own plan in the case and the outputs.
+PLANNED_DOSE = "planned"
 
 
 class PipelineError(TwinRTError):
@@ -82,22 +85,50 @@ def write_scene_mrb(dicom_dir: Path, mrb_path: Path, timeout_s: float = 600) -> 
     return mrb_path
 
 
-def _dose_curves(case: Case, dose_name: str) -> tuple[list[dict[str, Any]], list[Any]]:
+def _dose_curves(case: Case) -> tuple[list[dict[str, Any]], list[Any]]:
+    """DVH metric rows (with a ``dose`` column) and curves of every dose of the case.
+
+    TwinRT's plan is drawn solid and other doses (the reference) dashed.
+    """
     from twinrt import dvh
     from twinrt.report import DvhCurve
 
-    metrics = dvh.dvh_metrics(case, dose_name)
-    dose = case.doses[dose_name]
+    metrics: list[dict[str, Any]] = []
     curves = []
-    for s in case.structures:
-        if s.is_empty:
-            continue
-        h = dvh.structure_dvh(dose, s)
-        curves.append(DvhCurve(s.name, s.color, h.bin_edges_gy, h.cumulative_percent))
+    for name, dose in case.doses.items():
+        metrics += [{"dose": name, **row} for row in dvh.dvh_metrics(case, name)]
+        for s in case.structures:
+            if s.is_empty:
+                continue
+            h = dvh.structure_dvh(dose, s)
+            label = s.name if len(case.doses) == 1 else f"{s.name} ({name})"
+            curves.append(DvhCurve(label, s.color, h.bin_edges_gy, h.cumulative_percent,
+                                   dashed=len(case.doses) > 1 and name != PLANNED_DOSE))
     return metrics, curves
 
 
-def run_pipeline(dicom_dir: str | Path, out_dir: str | Path, write_scene: bool = True,
+def _plan_section(result: Any) -> str:
+    """HTML summary of a TwinRT plan: beams, segments, MU, sequencing loss and timings."""
+    import html as _html
+
+    from twinrt.report import metrics_table_html
+
+    beams = [{"beam": b.name, "gantry_deg": float(b.beam.gantry_deg), "couch_deg": float(b.beam.couch_deg),
+              "segments": len(b.segments), "MU per fraction": float(b.meterset_mu)} for b in result.plan.beams]
+    seq = result.sequencing
+    figures = [{"item": "segments", "value": int(seq["n_segments"])},
+               {"item": "total MU per fraction", "value": float(seq["total_mu"])},
+               {"item": "relative fluence error after sequencing", "value": float(seq["relative_fluence_error"])},
+               {"item": "relative dose error after sequencing", "value": float(seq.get("relative_dose_error", 0.0))},
+               {"item": "dij non-zeros (M)", "value": result.dij_stats.get("nnz", 0) / 1e6},
+               {"item": "optimiser iterations", "value": int(result.optimization["iterations"])}]
+    figures += [{"item": k.replace("_s", " (s)"), "value": float(v)} for k, v in result.timings_s.items()]
+    return ("<p>Plan " + _html.escape(result.plan.label) + ", approval status <b>"
+            + _html.escape(result.plan.approval) + "</b>: a physician must review and approve it.</p>"
+            + metrics_table_html(beams) + metrics_table_html(figures))
+
+
+def run_pipeline(dicom_dir: str | Path, out_dir: str | Path, write_scene: bool = True, plan: bool = True,
                  progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
                  log: Callable[[str], None] = lambda s: None) -> PipelineResult:
     """Run the pipeline on one DICOM patient folder.
@@ -105,6 +136,7 @@ def run_pipeline(dicom_dir: str | Path, out_dir: str | Path, write_scene: bool =
     :param dicom_dir: folder with one CT series and optionally RTSTRUCT, RTDOSE, RTPLAN.
     :param out_dir: output folder; gets ``dicom/``, ``scene.mrb``, ``report.html``, ``summary.json``.
     :param write_scene: write the Slicer scene (needs slicer-core).
+    :param plan: plan the case with AIPlanner's engine when it has a prescription.
     :param progress: ``progress(fraction, text)`` callback.
     :param cancel: cancel token checked between stages.
     :raises PipelineError: naming the stage that failed; files of finished stages are kept.
@@ -115,7 +147,7 @@ def run_pipeline(dicom_dir: str | Path, out_dir: str | Path, write_scene: bool =
     out = Path(out_dir)
     result: PipelineResult
     timings: list[tuple[str, float, str]] = []
-    steps = 5 + (1 if write_scene else 0)
+    steps = 6 + (1 if write_scene else 0)
     state: dict[str, Any] = {}
 
     def stage(name: str, index: int, fn: Callable[[], Any]) -> Any:
@@ -132,33 +164,53 @@ def run_pipeline(dicom_dir: str | Path, out_dir: str | Path, write_scene: bool =
         return value
 
     case = stage("import DICOM", 0, lambda: import_case(dicom_dir))
+    result = PipelineResult(case)
+    for name, issue in PENDING_STAGES_BEFORE_PLAN:
+        timings.append((name, 0.0, f"not available yet (issue {issue})"))
+    sections: list[Any] = []
+    if plan and case.prescriptions:
+        from twinrt.planning.workflow import PlanSetup, plan_case
+        from twinrt.report import ReportSection
+
+        # Dose on the CT grid, so that the plan is evaluated like a dose imported with the CT.
+        planning = stage("plan (AIPlanner)", 1, lambda: plan_case(case, setup=PlanSetup(dose_grid_mm=None),
+                                                                  progress=None, cancel=cancel))
+        case.doses[PLANNED_DOSE] = planning.dose
+        case.plans = [planning.plan]
+        sections.append(ReportSection("Plan (AIPlanner)", _plan_section(planning)))
+    else:
+        why = "skipped (--no-plan)" if not plan else "skipped: no prescription in the input"
+        timings.append(("plan (AIPlanner)", 0.0, why))
+    for name, issue in PENDING_STAGES_AFTER_PLAN:
+        timings.append((name, 0.0, f"not available yet (issue {issue})"))
     if not case.doses:
         raise PipelineError("evaluate dose", InvalidInputError(
-            f"{dicom_dir} has no RTDOSE; this stage needs a dose until DosePredict (issue 5) lands"))
-    dose_name = next(iter(case.doses))
-    result = PipelineResult(case)
-    for name, issue in PENDING_STAGES:
-        timings.append((name, 0.0, f"not available yet (issue {issue})"))
-    metrics, curves = stage("DVH metrics", 1, lambda: _dose_curves(case, dose_name))
+            f"{dicom_dir} has no RTDOSE and no prescription to plan from; add an RTDOSE or an RTPLAN with a "
+            "prescription"))
+    overlay = case.doses.get(PLANNED_DOSE) or next(iter(case.doses.values()))
+    metrics, curves = stage("DVH metrics", 2, lambda: _dose_curves(case))
     result.metrics = metrics
     dicom_out = out / "dicom"
     result.outputs["dicom"] = dicom_out
-    state["files"] = stage("write DICOM-RT", 2, lambda: export_case(case, dicom_out))
+    state["files"] = stage("write DICOM-RT", 3, lambda: export_case(case, dicom_out))
     if write_scene:
-        result.outputs["scene"] = stage("write Slicer scene", 3,
+        result.outputs["scene"] = stage("write Slicer scene", 4,
                                         lambda: write_scene_mrb(dicom_out, out / "scene.mrb"))
-    summary = {"patient_id": case.patient_id, "dose": dose_name, "metrics": metrics,
-               "twinrt_version": twinrt.__version__, "research_use_only": twinrt.RESEARCH_USE_ONLY}
+    summary = {"patient_id": case.patient_id, "doses": list(case.doses), "metrics": metrics,
+               "timings": timings, "twinrt_version": twinrt.__version__,
+               "research_use_only": twinrt.RESEARCH_USE_ONLY}
     result.outputs["summary"] = stage("write summary", steps - 2, lambda: write_text_atomic(
         out / "summary.json", json.dumps(summary, indent=1, default=_json_default)))
     content = ReportContent(
         title=f"TwinRT report — {case.patient_id}", metrics=metrics, curves=curves, timings=timings,
-        provenance={"TwinRT": twinrt.__version__, "input": str(dicom_dir), "evaluated dose": dose_name,
+        provenance={"TwinRT": twinrt.__version__, "input": str(dicom_dir), "doses": ", ".join(case.doses),
                     "data source": str(case.metadata.get("citation", case.metadata.get("source", ""))),
+                    "dose engine": "TwinRT photon pencil beam (SVD kernels, matRad generic 6 MV machine data)",
                     "AI models": "none at this stage (AI stages not available yet)"},
-        outputs=[(k, os.path.relpath(v, out)) for k, v in result.outputs.items()] + [("report", "report.html")])
+        outputs=[(k, os.path.relpath(v, out)) for k, v in result.outputs.items()] + [("report", "report.html")],
+        sections=sections)
     result.outputs["report"] = out / "report.html"
-    stage("write report", steps - 1, lambda: write_report(out / "report.html", case, content, case.doses[dose_name]))
+    stage("write report", steps - 1, lambda: write_report(out / "report.html", case, content, overlay))
     result.timings = timings
     report(progress, 1.0, "done")
     return result

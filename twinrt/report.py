@@ -32,12 +32,14 @@ class DvhCurve:
     :param color: RGB 0-255.
     :param dose_gy: dose axis (Gy).
     :param volume_percent: cumulative volume (%) receiving at least ``dose_gy``.
+    :param dashed: draw dashed (e.g. the reference dose beside TwinRT's plan).
     """
 
     name: str
     color: tuple[int, int, int]
     dose_gy: np.ndarray
     volume_percent: np.ndarray
+    dashed: bool = False
 
 
 @dataclass
@@ -82,16 +84,18 @@ def dvh_figure_png(curves: Sequence[DvhCurve], title: str = "Cumulative DVH") ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.8))
     for c in curves:
-        ax.plot(c.dose_gy, c.volume_percent, color=np.array(c.color) / 255.0, label=c.name, lw=1.6)
+        ax.plot(c.dose_gy, c.volume_percent, color=np.array(c.color) / 255.0, label=c.name, lw=1.6,
+                ls="--" if c.dashed else "-")
     ax.set_xlabel("Dose (Gy)")
     ax.set_ylabel("Volume (%)")
     ax.set_ylim(0, 102)
     ax.set_xlim(left=0)
     ax.grid(alpha=0.3)
     ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2, loc="upper right")
+    # Outside the axes: with two doses per structure an inside legend hides the curves.
+    ax.legend(fontsize=7, ncol=1 if len(curves) <= 12 else 2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     png = _png_base64(fig)
     plt.close(fig)
     return png
