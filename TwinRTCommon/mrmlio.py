@@ -31,6 +31,7 @@ on another grid...) every node and subject-hierarchy item created so far is remo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -125,16 +126,21 @@ class _SceneTransaction:
     """Remembers the scene's nodes and subject-hierarchy items so a failed write can be undone.
 
     A snapshot of node IDs (rather than a list of what we added) also catches nodes that Slicer adds
-    on our behalf: display nodes, storage nodes, the colour table.
+    on our behalf: display nodes, storage nodes, the colour table. The attributes of the items that
+    already exist are remembered too, because a write may tag an existing study (its dose unit, the
+    plans it holds) and a rollback must take that back as well.
     """
 
     def __init__(self, scene):
         self.scene = scene
         self.nodeIds = set(nodeIds(scene))
-        self.itemIds = set(_allItems(scene.GetSubjectHierarchyNode()))
+        sh = scene.GetSubjectHierarchyNode()
+        self.itemIds = set(_allItems(sh))
+        self.itemAttributes = {item: {name: sh.GetItemAttribute(item, name) for name in sh.GetItemAttributeNames(item)}
+                               for item in self.itemIds}
 
     def rollback(self) -> None:
-        """Remove every node and subject-hierarchy item created since the snapshot."""
+        """Remove every node and subject-hierarchy item created since the snapshot; restore attributes."""
         added = [nid for nid in nodeIds(self.scene) if nid not in self.nodeIds]
         # Reverse creation order: data nodes go before the display/storage nodes they reference.
         for nid in reversed(added):
@@ -146,6 +152,34 @@ class _SceneTransaction:
         for item in _allItems(sh):
             if item not in self.itemIds and item in _allItems(sh):
                 sh.RemoveItem(item, False, True)
+        for item, attributes in self.itemAttributes.items():
+            if item not in _allItems(sh):
+                continue
+            for name in sh.GetItemAttributeNames(item):
+                if name not in attributes:
+                    sh.RemoveItemAttribute(item, name)
+            for name, value in attributes.items():
+                if sh.GetItemAttribute(item, name) != value:
+                    sh.SetItemAttribute(item, name, value)
+
+
+@contextlib.contextmanager
+def sceneTransaction(scene):
+    """All-or-nothing scene writes: on any exception, undo what the block added, then re-raise.
+
+    Undone are the nodes and subject-hierarchy items created inside the block (display, storage and
+    colour nodes included) and changes to the attributes of items that existed before it. Changes
+    to existing *nodes* are not undone, so a block should only add nodes.
+
+    :param scene: the MRML scene.
+    """
+    transaction = _SceneTransaction(scene)
+    try:
+        yield transaction
+    except BaseException:
+        # BaseException: a KeyboardInterrupt in the middle of a write must not leave half a result.
+        transaction.rollback()
+        raise
 
 
 def _allItems(sh) -> list[int]:
@@ -160,11 +194,17 @@ def nodeIds(scene) -> list[str]:
     return [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
 
 
-def _tagNode(node, role: str, source: str = "") -> None:
-    """Research-use and provenance attributes that every node TwinRT creates carries."""
+def tagNode(node, role: str, source: str = "", createdBy: str = _CREATED_BY) -> None:
+    """Research-use and provenance attributes that every node TwinRT creates carries.
+
+    :param node: the new node.
+    :param role: ``TwinRT.Role`` (``ROLE_*`` here, or a module's own role).
+    :param source: ``TwinRT.Source`` (where the case came from); left unset when empty.
+    :param createdBy: ``TwinRT.CreatedBy`` (the function or module that made the node).
+    """
     node.SetAttribute(RESEARCH_USE_ATTRIBUTE, twinrt.RESEARCH_USE_ONLY)
     node.SetAttribute(VERSION_ATTRIBUTE, twinrt.__version__)
-    node.SetAttribute(CREATED_BY_ATTRIBUTE, _CREATED_BY)
+    node.SetAttribute(CREATED_BY_ATTRIBUTE, createdBy)
     node.SetAttribute(ROLE_ATTRIBUTE, role)
     if source:
         node.SetAttribute(SOURCE_ATTRIBUTE, source)
@@ -299,12 +339,8 @@ def caseToScene(case: Case, scene=None, doseName: Optional[str] = None, computeD
     if scene is None:
         raise InvalidInputError("No MRML scene: pass scene= or run inside Slicer")
     doseName = _defaultDoseName(case, doseName)
-    transaction = _SceneTransaction(scene)
-    try:
+    with sceneTransaction(scene):
         return _caseToScene(case, scene, doseName, computeDvh, progress)
-    except Exception:
-        transaction.rollback()
-        raise
 
 
 def _caseToScene(case: Case, scene, doseName, computeDvh, progress) -> dict[str, Any]:
@@ -342,7 +378,7 @@ def _caseToScene(case: Case, scene, doseName, computeDvh, progress) -> dict[str,
     report(progress, 0.1, "Creating CT volume")
     # Node names carry the patient ID so several patients can share a scene without confusion.
     ct = _addVolume(scene, f"{case.patient_id} {case.ct.modality}", case.ct.array, case.ct.grid)
-    _tagNode(ct, ROLE_CT, source)
+    tagNode(ct, ROLE_CT, source)
     ct.SetAttribute(PATIENT_ID_ATTRIBUTE, case.patient_id)
     ct.SetAttribute(MODALITY_ATTRIBUTE, case.ct.modality)
     sh.CreateItem(studyItem, ct)
@@ -354,41 +390,16 @@ def _caseToScene(case: Case, scene, doseName, computeDvh, progress) -> dict[str,
         sh.CreateItem(studyItem, segmentation)
         result.update(segmentation=segmentation, segmentIds=segmentIds)
 
-    doseColorTable = None
     for index, (name, dose) in enumerate(case.doses.items()):
         report(progress, 0.4 + 0.2 * index / max(len(case.doses), 1), f"Creating dose '{name}'")
-        # Checked here, after the CT and segmentation exist, so that a bad dose exercises the
-        # rollback: Dose validates on construction, but its array can be changed afterwards.
-        validate_dose_array(np.asarray(dose.array), name)
-        grid = dose.grid
-        doseNode = _addVolume(scene, f"{case.patient_id} Dose {name}", np.asarray(dose.array, np.float32), grid)
-        _tagNode(doseNode, ROLE_DOSE, source)
-        doseNode.SetAttribute(DOSE_VOLUME_ATTRIBUTE, "1")
-        doseNode.SetAttribute(DOSE_NAME_ATTRIBUTE, name)
-        doseNode.SetAttribute(DOSE_TYPE_ATTRIBUTE, dose.dose_type)
-        doseNode.SetAttribute(DOSE_SUMMATION_ATTRIBUTE, dose.summation)
-        doseNode.SetAttribute(DOSE_SOURCE_ATTRIBUTE, dose.source)
-        if doseColorTable is None:
-            doseColorTable = _createDoseColorTable(scene)
-        display = doseNode.GetDisplayNode()
-        display.SetAndObserveColorNodeID(doseColorTable.GetID())
-        # Window to the dose range and hide the lowest 5 %, like qSlicerAbstractDoseEngine does.
-        maxGy = max(float(dose.max_gy), 1e-6)
-        display.AutoWindowLevelOff()
-        display.SetWindowLevelMinMax(0.0, maxGy * 1.1)
-        display.SetLowerThreshold(0.05 * maxGy)
-        display.ApplyThresholdOn()
-        sh.CreateItem(studyItem, doseNode)
-        result["doses"][name] = doseNode
-    result["doseColorTable"] = doseColorTable
-    if case.doses:
-        # Where qSlicerAbstractDoseEngine::addResultDose puts the unit: on the study, not the volume.
-        sh.SetItemAttribute(studyItem, DOSE_UNIT_NAME_ATTRIBUTE, "Gy")
-        sh.SetItemAttribute(studyItem, DOSE_UNIT_VALUE_ATTRIBUTE, "1.0")
+        result["doses"][name] = addDoseVolume(scene, dose, studyItem, f"{case.patient_id} Dose {name}", name,
+                                              source)
+    result["doseColorTable"] = scene.GetFirstNodeByName(DOSE_COLOR_TABLE_NAME) if case.doses else None
 
     if computeDvh and doseName is not None and result["segmentation"] is not None:
         report(progress, 0.7, f"Computing DVH of '{doseName}'")
-        result.update(_addDvh(scene, case, doseName, result, source))
+        result.update(addDvh(scene, case, doseName, result["doses"][doseName], result["segmentation"],
+                             result["segmentIds"], studyItem, source))
     report(progress, 1.0, "Scene ready")
     return result
 
@@ -401,7 +412,7 @@ def _addSegmentation(scene, case: Case, ct, source: str):
     segmentation.CreateDefaultDisplayNodes()
     # Sets both the reference geometry string and the node reference to the CT (the contract).
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(ct)
-    _tagNode(segmentation, ROLE_STRUCTURES, source)
+    tagNode(segmentation, ROLE_STRUCTURES, source)
     segmentIds = {}
     for structure in case.structures:
         if not structure.grid.is_same(ctGrid):
@@ -422,6 +433,58 @@ def _addSegmentation(scene, case: Case, ct, source: str):
     return segmentation, segmentIds
 
 
+def addDoseVolume(scene, dose: Dose, studyItem: int, nodeName: str, doseName: Optional[str] = None,
+                  source: str = "", createdBy: str = _CREATED_BY):
+    """Add a dose as a SlicerRT dose volume under a subject-hierarchy study (the MRML contract).
+
+    The volume is tagged ``DicomRtImport.DoseVolume = "1"``, shown with ``Dose_ColorTable``
+    (windowed to the dose range, lowest 5 % hidden, like ``qSlicerAbstractDoseEngine``) and put
+    under ``studyItem``. A study without a dose unit gets ``DicomRtImport.DoseUnitName = "Gy"``
+    (where SlicerRT looks for it); in a study that already has a unit (cGy from an RTDOSE import)
+    the voxels are written in that unit, so the study's doses stay comparable.
+
+    :param scene: the MRML scene.
+    :param dose: the dose (Gy); its grid may differ from the CT's.
+    :param studyItem: subject-hierarchy study the volume goes under.
+    :param nodeName: the node name.
+    :param doseName: ``TwinRT.DoseName`` (the key :func:`sceneToCase` gives it back under); default ``dose.name``.
+    :param source: ``TwinRT.Source`` text.
+    :param createdBy: ``TwinRT.CreatedBy`` text (the function or module writing the dose).
+    :return: the ``vtkMRMLScalarVolumeNode``.
+    :raises DoseError: NaN, infinite or negative voxels, or a study dose unit TwinRT cannot convert to.
+    """
+    doseName = doseName or dose.name
+    # Checked here, not only when the Dose was made: its array can be changed afterwards, and a
+    # caller's rollback must then see the error before anything is written.
+    validate_dose_array(np.asarray(dose.array), doseName)
+    sh = scene.GetSubjectHierarchyNode()
+    unit = sh.GetItemAttribute(studyItem, DOSE_UNIT_NAME_ATTRIBUTE) if studyItem else ""
+    scale = _doseScale(unit)  # DoseError for a unit TwinRT cannot write
+    voxels = np.asarray(dose.array, np.float32) / np.float32(scale)
+    doseNode = _addVolume(scene, nodeName, voxels, dose.grid)
+    tagNode(doseNode, ROLE_DOSE, source, createdBy)
+    doseNode.SetAttribute(DOSE_VOLUME_ATTRIBUTE, "1")
+    doseNode.SetAttribute(DOSE_NAME_ATTRIBUTE, doseName)
+    doseNode.SetAttribute(DOSE_TYPE_ATTRIBUTE, dose.dose_type)
+    doseNode.SetAttribute(DOSE_SUMMATION_ATTRIBUTE, dose.summation)
+    doseNode.SetAttribute(DOSE_SOURCE_ATTRIBUTE, dose.source)
+    display = doseNode.GetDisplayNode()
+    display.SetAndObserveColorNodeID(_createDoseColorTable(scene).GetID())
+    # Window to the dose range and hide the lowest 5 %, like qSlicerAbstractDoseEngine does.
+    maxValue = max(float(voxels.max()) if voxels.size else 0.0, 1e-6)
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(0.0, maxValue * 1.1)
+    display.SetLowerThreshold(0.05 * maxValue)
+    display.ApplyThresholdOn()
+    if studyItem:
+        sh.CreateItem(studyItem, doseNode)
+        if not unit:
+            # Where qSlicerAbstractDoseEngine::addResultDose puts the unit: on the study, not the volume.
+            sh.SetItemAttribute(studyItem, DOSE_UNIT_NAME_ATTRIBUTE, "Gy")
+            sh.SetItemAttribute(studyItem, DOSE_UNIT_VALUE_ATTRIBUTE, "1.0")
+    return doseNode
+
+
 _UNIT_SUFFIXES = (("_gy", "Gy"), ("_cc", "cc"), ("_percent", "%"))
 
 
@@ -433,28 +496,37 @@ def metricUnit(key: str) -> str:
     return ""
 
 
-def _addDvh(scene, case: Case, doseName: str, created: dict, source: str) -> dict[str, Any]:
-    """Metrics table, per-structure DVH tables and the DVH chart for one dose."""
+def addDvh(scene, case: Case, doseName: str, doseNode, segmentationNode, segmentIds: dict[str, str],
+           studyItem: int, source: str = "", createdBy: str = _CREATED_BY) -> dict[str, Any]:
+    """Metrics table, per-structure DVH tables (SlicerRT layout) and the DVH chart of one dose.
+
+    :param scene: the MRML scene.
+    :param case: the case holding the structures and ``case.doses[doseName]``.
+    :param doseName: the dose whose DVH is computed.
+    :param doseNode: that dose's volume node (referenced by the tables).
+    :param segmentationNode: the structures' segmentation node (referenced by the tables).
+    :param segmentIds: structure name -> segment ID in ``segmentationNode``.
+    :param studyItem: subject-hierarchy study the nodes go under.
+    :param source: ``TwinRT.Source`` text; :param createdBy: ``TwinRT.CreatedBy`` text.
+    :return: ``dvhMetricsTable``, ``dvhChart``, and ``dvhTables`` / ``dvhPlotSeries`` (structure name -> node).
+    """
     from twinrt import dvh  # imported here: only needed when a DVH is requested
 
     sh = scene.GetSubjectHierarchyNode()
-    studyItem = created["studyItem"]
-    doseNode = created["doses"][doseName]
-    segmentation = created["segmentation"]
     # Metrics come from the core (exact on voxels), not from SlicerRT's DVH logic, which is not
     # available headless; the tables follow SlicerRT's layout so its DVH module can show them.
     rows = dvh.dvh_metrics(case, doseName)
 
     metrics = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{case.patient_id} DVH metrics ({doseName})")
-    _tagNode(metrics, ROLE_DVH_METRICS, source)
+    tagNode(metrics, ROLE_DVH_METRICS, source, createdBy)
     metrics.SetAttribute(DOSE_NAME_ATTRIBUTE, doseName)
     metrics.SetNodeReferenceID(DVH_DOSE_VOLUME_REFERENCE_ROLE, doseNode.GetID())
-    metrics.SetNodeReferenceID(DVH_SEGMENTATION_REFERENCE_ROLE, segmentation.GetID())
+    metrics.SetNodeReferenceID(DVH_SEGMENTATION_REFERENCE_ROLE, segmentationNode.GetID())
     fillTable(metrics, rows)
     sh.CreateItem(studyItem, metrics)
 
     chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{case.patient_id} DVH ({doseName})")
-    _tagNode(chart, ROLE_DVH_CHART, source)
+    tagNode(chart, ROLE_DVH_CHART, source, createdBy)
     chart.SetTitle(f"Dose volume histogram: {doseName}")
     chart.SetXAxisTitle("Dose (Gy)")
     chart.SetYAxisTitle("Fractional volume (%)")
@@ -470,20 +542,20 @@ def _addDvh(scene, case: Case, doseName: str, created: dict, source: str) -> dic
         # small organs keep their volume (see twinrt.dvh).
         curve = dvh.structure_dvh(dose, structure, bin_width_gy=DVH_CURVE_BIN_WIDTH_GY)
         table = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{structure.name}_DvhTable")
-        _tagNode(table, ROLE_DVH_TABLE, source)
+        tagNode(table, ROLE_DVH_TABLE, source, createdBy)
         table.SetAttribute(DVH_IDENTIFIER_ATTRIBUTE, "1")
-        table.SetAttribute(DVH_SEGMENT_ID_ATTRIBUTE, created["segmentIds"][structure.name])
+        table.SetAttribute(DVH_SEGMENT_ID_ATTRIBUTE, segmentIds[structure.name])
         table.SetAttribute(DVH_TABLE_ROW_ATTRIBUTE, str(rowOf[structure.name]))
         table.SetAttribute(DVH_TOTAL_VOLUME_ATTRIBUTE, repr(float(curve.total_volume_cc)))
         table.SetAttribute(DOSE_NAME_ATTRIBUTE, doseName)
         table.SetNodeReferenceID(DVH_DOSE_VOLUME_REFERENCE_ROLE, doseNode.GetID())
-        table.SetNodeReferenceID(DVH_SEGMENTATION_REFERENCE_ROLE, segmentation.GetID())
+        table.SetNodeReferenceID(DVH_SEGMENTATION_REFERENCE_ROLE, segmentationNode.GetID())
         table.SetNodeReferenceID(DVH_METRICS_TABLE_REFERENCE_ROLE, metrics.GetID())
         _fillCurveTable(table, np.asarray(curve.bin_edges_gy), np.asarray(curve.cumulative_percent))
         sh.CreateItem(studyItem, table)
 
         plot = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"{structure.name} ({doseName})")
-        _tagNode(plot, ROLE_DVH_SERIES, source)
+        tagNode(plot, ROLE_DVH_SERIES, source, createdBy)
         plot.SetAndObserveTableNodeID(table.GetID())
         plot.SetXColumnName(DVH_DOSE_COLUMN)
         plot.SetYColumnName(DVH_VOLUME_COLUMN)
@@ -642,6 +714,14 @@ def segmentMask(segmentationNode, segmentId: str, ctVolumeNode) -> np.ndarray:
     return voxels.reshape(dims[::-1]) == labelValue
 
 
+def studyItemOf(node) -> int:
+    """The subject-hierarchy study item ``node`` belongs to, or 0 when it is in no study.
+
+    :param node: a data node in a scene.
+    """
+    return _studyItemOf(node.GetScene().GetSubjectHierarchyNode(), node)
+
+
 def _studyItemOf(sh, node) -> int:
     item = sh.GetItemByDataNode(node)
     if not item:
@@ -717,7 +797,7 @@ def sceneToCase(scene=None, ctVolumeNode=None, segmentationNode=None) -> Case:
         metadata = _decodeMetadata(sh.GetItemAttribute(studyItem, CASE_METADATA_ATTRIBUTE))
         plansText = sh.GetItemAttribute(studyItem, PLANS_ATTRIBUTE)
         if plansText:
-            plans = [_planFromDict(p) for p in json.loads(plansText)]
+            plans = [planFromDict(p) for p in json.loads(plansText)]
         patientItem = sh.GetItemParent(studyItem)
         if patientItem:
             constants = slicer.vtkMRMLSubjectHierarchyConstants
@@ -742,7 +822,22 @@ def _doseScale(unit: str) -> float:
     raise DoseError(f"Dose unit '{unit}' is not supported; TwinRT needs physical dose in Gy or cGy")
 
 
-def _planFromDict(data: dict) -> Plan:
+def planToDict(plan: Plan) -> dict[str, Any]:
+    """A JSON-ready dict of a plan (what :func:`caseToScene` stores in ``TwinRT.Plans``).
+
+    :param plan: the plan; :class:`twinrt.planning.plan.PlanBeam` beams and open-field dicts are both kept.
+    """
+    ok, data = _jsonable(plan)
+    if not ok:
+        raise InvalidInputError(f"Plan '{plan.label}' holds values that cannot be stored as JSON")
+    return data
+
+
+def planFromDict(data: dict) -> Plan:
+    """The plan of a :func:`planToDict` dict (e.g. from ``TwinRT.Plans`` or ``AIPlanner.Plan``).
+
+    :param data: the dict.
+    """
     from twinrt.planning.plan import PlanBeam
 
     prescriptions = [Prescription(**p) for p in data.get("prescriptions", [])]
@@ -826,4 +921,5 @@ def importCaseFolder(folder: str | os.PathLike, scene=None, **kwargs) -> tuple[C
 
 __all__ = ["caseToScene", "sceneToCase", "saveSceneMrb", "loadSceneMrb", "importCaseFolder", "fillTable",
            "tableToRows", "nodeIds", "volumeGrid", "segmentMask", "findCtVolume", "findSegmentation",
-           "isDoseVolumeNode", "metricUnit", "TwinRTError"]
+           "isDoseVolumeNode", "metricUnit", "sceneTransaction", "addDoseVolume", "addDvh", "studyItemOf",
+           "planToDict", "planFromDict", "tagNode", "TwinRTError"]

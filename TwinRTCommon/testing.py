@@ -50,6 +50,37 @@ def makeSyntheticCase(patientId: str = "TwinRTPhantom", obliqueDirection: bool =
                 {"reference": Dose(dose.astype(np.float32), grid, "reference", source="synthetic")}, [], metadata)
 
 
+def makePlanningPhantom(patientId: str = "TwinRTPlanPhantom", badTargets: bool = False) -> Case:
+    """A water cylinder (radius 60 mm) with a 30 mm cubic target and an organ beside it, for planning.
+
+    The CT grid is 28 x 28 x 20 voxels of 5 mm, small enough that a five-beam plan on a 5 mm dose
+    grid takes about a second, and the case has no dose (planning makes one).
+
+    :param patientId: the case's patient ID.
+    :param badTargets: also add two unusable targets for the bad-input tests: ``EmptyTarget``
+        (no voxel) and ``AirTarget`` (a cube in the air, outside the body).
+    :return: the case; ``PTV`` is the target (60 Gy in 30 fractions in its metadata).
+    """
+    grid = Grid((20, 28, 28), (5.0, 5.0, 5.0), (-67.5, -67.5, -47.5))
+    k, j, i = np.indices(grid.shape)
+    points = grid.index_to_lps(np.stack([i, j, k], -1).astype(float))
+    x, y, z = points[..., 0], points[..., 1], points[..., 2]
+    body = x ** 2 + y ** 2 < 60.0 ** 2
+    ct = np.where(body, 0, -1000).astype(np.int16)
+    target = (np.abs(x) <= 15.0) & (np.abs(y) <= 15.0) & (np.abs(z) <= 15.0)
+    organ = (np.abs(x - 32.0) <= 8.0) & (np.abs(y) <= 8.0) & (np.abs(z) <= 20.0)
+    structures = [Structure("BODY", body, grid, (177, 122, 101), StructureType.EXTERNAL),
+                  Structure("PTV", target, grid, (255, 0, 0), StructureType.TARGET),
+                  Structure("Organ", organ & body, grid, (0, 151, 206), StructureType.ORGAN)]
+    if badTargets:
+        air = (np.abs(x - 60.0) <= 5.0) & (np.abs(y - 60.0) <= 5.0) & (np.abs(z) <= 5.0)
+        structures += [Structure("EmptyTarget", np.zeros(grid.shape, bool), grid, (255, 255, 0), StructureType.TARGET),
+                       Structure("AirTarget", air & ~body, grid, (255, 0, 255), StructureType.TARGET)]
+    metadata = {"patient_name": "Phantom^Planning", "source": "TwinRTCommon.testing",
+                "prescriptions": [Prescription("PTV", 60.0, 30)], "study_instance_uid": "1.2.826.0.1.3680043.8.498.2"}
+    return Case(patientId, Image(ct, grid, "CT"), structures, {}, [], metadata)
+
+
 def assertCaseInScene(testCase, created: dict, case: Case, scene) -> None:
     """Check the MRML contract for ``case`` written by ``caseToScene`` (used by every module's self-test).
 
@@ -144,10 +175,14 @@ class CaseModuleTestMixin:
     logicClass = None
     #: Name of the Logic method that runs the stage, e.g. ``"segmentCT"``.
     stageMethodName = ""
-    #: Valid arguments of the stage method: it must raise ``StageNotAvailableError``.
+    #: Valid arguments of the stage method; while the stage is not built it must raise ``StageNotAvailableError``.
     stageArguments: tuple = ()
     #: Invalid arguments of the stage method: it must raise ``InvalidInputError``.
     invalidStageArguments: tuple = ()
+    #: Once the stage is built and a part of the module is still pending: the Logic method of that
+    #: part and its valid arguments. That method must raise ``StageNotAvailableError`` instead.
+    pendingMethodName = ""
+    pendingArguments: tuple = ()
     #: Text the stage error must contain, e.g. ``"issue 6"`` (also checked in the .ui status label).
     stageIssueText = ""
     #: Parameter name -> case node stored in it (node references must survive re-wrapping).
@@ -205,7 +240,11 @@ class CaseModuleTestMixin:
         self.delayDisplay("Test passed")
 
     def test_StageNotAvailable(self):
-        """The stage method says plainly that it is not built yet, and changes nothing."""
+        """What is not built yet says so plainly; invalid stage input is refused first; nothing changes.
+
+        The method that must raise ``StageNotAvailableError`` is the stage method until the stage is
+        built, then the module's still pending part (:attr:`pendingMethodName`).
+        """
         import slicer
 
         from TwinRTCommon import mrmlio
@@ -216,8 +255,11 @@ class CaseModuleTestMixin:
         created = logic.caseToScene(makeSyntheticCase())
         before = mrmlio.nodeIds(slicer.mrmlScene)
         stage = getattr(logic, self.stageMethodName)
+        pending, pendingArguments = stage, self.stageArguments
+        if self.pendingMethodName:
+            pending, pendingArguments = getattr(logic, self.pendingMethodName), self.pendingArguments
         with self.assertRaises(StageNotAvailableError) as context:
-            stage(*[self.caseNode(created, argument) for argument in self.stageArguments])
+            pending(*[self.caseNode(created, argument) for argument in pendingArguments])
         self.assertIn(self.stageIssueText, str(context.exception))
         # Input checks come first: a user with a wrong selection learns that, not "not available".
         with self.assertRaises(InvalidInputError):

@@ -79,6 +79,10 @@ class ModuleChecks:
         fields = list(self.moduleClass("ParameterNode").allParameters)
         checkUiFile(self.moduleName, fields, self.moduleClass("Test").stageIssueText)
 
+    def test_widgetUsesOnlyUiWidgets(self):
+        """Every ``self.ui.<name>`` the Widget code uses is a widget of the .ui (widgets cannot run here)."""
+        checkWidgetUiNames(self.moduleName)
+
     def test_iconAndCMakeLists(self):
         """128x128 icon; CMakeLists lists files that exist and keeps the generic tests."""
         checkIcon(self.moduleName)
@@ -166,6 +170,22 @@ def checkUiFile(moduleName: str, parameterNames: list[str], issueText: str) -> N
     assert "Not available yet" in text("statusLabel") and issueText in text("statusLabel")
     for name in ("applyButton", "loadSampleButton", "importDicomButton"):
         assert name in widgets, f"{name} missing from {path.name}"
+
+
+def checkWidgetUiNames(moduleName: str) -> None:
+    """Each ``self.ui.<name>`` in ``<Module>.py`` and the shared Widget mixin names a widget of the .ui.
+
+    The Widget cannot be built headless, so a misspelt or removed widget would only fail in Slicer;
+    this static check catches it here.
+    """
+    path = REPO_ROOT / moduleName / "Resources" / "UI" / f"{moduleName}.ui"
+    widgets = {w.get("name") for w in ET.parse(path).getroot().iter("widget")}
+    used = set()
+    for source in (REPO_ROOT / moduleName / f"{moduleName}.py", REPO_ROOT / "TwinRTCommon" / "widget.py"):
+        used |= set(re.findall(r"self\.ui\.([A-Za-z_]\w*)", source.read_text()))
+    assert used, f"{moduleName}.py uses no ui widget"
+    missing = sorted(used - widgets)
+    assert not missing, f"{moduleName}.py uses widgets that {path.name} lacks: {missing}"
 
 
 def checkIcon(moduleName: str) -> None:
