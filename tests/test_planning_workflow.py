@@ -111,3 +111,18 @@ def test_bad_input_is_refused_with_typed_errors():
     assert outside.structure("PTV").mask.any()
     with pytest.raises(StructureError, match="outside the body"):
         plan_case(outside)
+
+
+def test_plan_command_writes_a_plan_and_refuses_an_incomplete_prescription(tmp_path, capsys):
+    from twinrt.cli import main
+
+    case = phantom_case()
+    export_case(case, tmp_path / "in")
+    base = ["plan", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--beams", "3", "--dose-grid-mm", "4",
+            "--max-iter", "30", "--target", "PTV"]
+    assert main(base) == 2
+    assert "--dose-gy" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert main(base + ["--dose-gy", "60", "--fractions", "30"]) == 0
+    back = import_case(tmp_path / "out")
+    assert "planned" in back.doses and len(back.plans[0].beams) == 3
+    assert back.plans[0].approval == "UNAPPROVED"

@@ -2,6 +2,7 @@
 
 ``twinrt demo``            run the All-in-One pipeline on the bundled sample patient
 ``twinrt run DIR``         run it on a DICOM patient folder
+``twinrt plan DIR``        plan a DICOM patient (IMRT, step-and-shoot) and write DICOM-RT
 ``twinrt export``          write an OpenKBP patient or the TG-119 phantom as a DICOM patient
 ``twinrt dvh DIR``         print DVH metrics of a DICOM patient folder
 ``twinrt validate DIR``    check every DICOM file in a folder with dciodvfy
@@ -83,6 +84,39 @@ def _cmd_dvh(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from twinrt.dicom.folder import export_case, import_case
+    from twinrt.model import Case, Prescription
+    from twinrt.planning.objectives import objectives_from_json
+    from twinrt.planning.workflow import PlanSetup, plan_case
+
+    case = import_case(args.dicom_dir)
+    prescriptions = None
+    if args.target:
+        if args.dose_gy is None or args.fractions is None:
+            raise MissingInputError("--target needs --dose-gy and --fractions (the prescription)")
+        prescriptions = [Prescription(args.target, args.dose_gy, args.fractions)]
+    objectives = None
+    if args.objectives:
+        path = Path(args.objectives)
+        if not path.is_file():
+            raise MissingInputError(f"Objectives file {path} does not exist", path)
+        objectives = [o.to_dict() for o in objectives_from_json(path.read_text(encoding="utf-8"))]
+    grid_mm = None if str(args.dose_grid_mm).lower() == "ct" else float(args.dose_grid_mm)
+    setup = PlanSetup.equispaced(args.beams, args.start_deg, dose_grid_mm=grid_mm, max_iter=args.max_iter,
+                                 bixel_width_mm=args.bixel_mm, levels=args.levels)
+    res = plan_case(case, objectives, setup, prescriptions, progress=_print_progress)
+    out_case = Case(case.patient_id, case.ct, case.structures, {**case.doses, "planned": res.dose}, [res.plan],
+                    dict(case.metadata))
+    export_case(out_case, args.out)
+    print(f"plan {res.plan.label}: {len(res.plan.beams)} beams, {res.sequencing['n_segments']} segments, "
+          f"{res.sequencing['total_mu']:.0f} MU per fraction, approval {res.plan.approval}")
+    print(" ".join(f"{k} {v:.1f} s" for k, v in res.timings_s.items()))
+    print(f"wrote {args.out} (CT, RTSTRUCT, RTDOSE 'planned', RTPLAN)")
+    print(twinrt.RESEARCH_USE_ONLY)
+    return 0
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from twinrt.dicom.validate import validate_folder
 
@@ -129,6 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("dicom_dir", type=Path)
     v.add_argument("--dose", help="dose name (default: the first RTDOSE)")
     v.add_argument("--json", action="store_true")
+    pl = sub.add_parser("plan", help="plan a DICOM patient (photon IMRT, step-and-shoot) and write DICOM-RT")
+    pl.add_argument("dicom_dir", type=Path)
+    pl.add_argument("--out", type=Path, required=True)
+    pl.add_argument("--beams", type=int, default=9, help="number of equispaced coplanar beams (default 9)")
+    pl.add_argument("--start-deg", type=float, default=0.0, help="gantry angle of the first beam (degrees)")
+    pl.add_argument("--bixel-mm", type=float, default=5.0)
+    pl.add_argument("--dose-grid-mm", default="5", help="dose-grid spacing in mm, or 'ct' for the CT grid")
+    pl.add_argument("--max-iter", type=int, default=200)
+    pl.add_argument("--levels", type=int, default=10, help="intensity levels for leaf sequencing")
+    pl.add_argument("--objectives", help="JSON list of objectives (default: TwinRT's starting set)")
+    pl.add_argument("--target", help="target structure (default: the prescriptions in the input RTPLAN)")
+    pl.add_argument("--dose-gy", type=float, help="prescribed dose to --target (Gy)")
+    pl.add_argument("--fractions", type=int, help="number of fractions")
     c = sub.add_parser("validate", help="check DICOM files with dciodvfy (dicom3tools)")
     c.add_argument("folder", type=Path)
     m = sub.add_parser("make-sample", help="(developers) rebuild the bundled sample from ../shared/data")
@@ -150,6 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_export(args)
         if args.command == "dvh":
             return _cmd_dvh(args)
+        if args.command == "plan":
+            return _cmd_plan(args)
         if args.command == "validate":
             return _cmd_validate(args)
         if args.command == "make-sample":
