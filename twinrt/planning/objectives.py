@@ -34,6 +34,8 @@ are accepted as kinds too.
 
 from __future__ import annotations
 
+import abc
+
 import json
 import math
 from dataclasses import dataclass
@@ -78,8 +80,8 @@ def _check_dose(value: float, what: str) -> float:
 
 
 @dataclass
-class Objective:
-    """Base class: one objective on one structure.
+class Objective(abc.ABC):
+    """Base class: one objective on one structure (subclasses define :meth:`value` and :meth:`kernel_term`).
 
     :param structure: name of the structure the objective applies to.
     :param dose_gy: reference dose D in Gy (see the table in the module docstring).
@@ -111,19 +113,19 @@ class Objective:
         self.weight = w
 
     # ------------------------------------------------------------------ evaluation
+    @abc.abstractmethod
     def value(self, dose_gy: np.ndarray) -> float:
         """``weight * f(d)`` for the structure's voxel doses (Gy, 1-D)."""
-        raise NotImplementedError
 
     def gradient(self, dose_gy: np.ndarray) -> np.ndarray:
         """Gradient of :meth:`value` with respect to each voxel dose (Gy⁻¹ · objective units), 1-D."""
         d = _as_doses(dose_gy, self.structure)
         return _term_gradient(self.kernel_term(d.size, d), d)
 
+    @abc.abstractmethod
     def kernel_term(self, n_voxels: int, dose_gy: np.ndarray | None = None) -> KernelTerm:
         """The gradient of this objective in kernel form for a structure of ``n_voxels`` voxels;
         ``dose_gy`` (its voxel doses, Gy) is needed only when :attr:`needs_structure_dose` is true."""
-        raise NotImplementedError
 
     def _n(self, dose_gy: np.ndarray) -> int:
         return int(np.asarray(dose_gy).size)
