@@ -240,34 +240,67 @@ def mu_per_unit_weight(bixel_width_mm: float = 5.0, lateral_cutoff_mm: float = 5
     return d_ref / CALIBRATION_GY_PER_MU
 
 
-def plan_case(case: Case, objectives: Optional[Sequence[Objective | dict[str, Any]]] = None,
-              setup: Optional[PlanSetup] = None, prescriptions: Optional[Sequence[Prescription]] = None,
-              label: str = "TwinRT AI", progress: Optional[ProgressCallback] = None,
-              cancel: Optional[CancelToken] = None) -> PlanningResult:
-    """Plan ``case``: rays, dij, fluence optimisation, leaf sequencing and the sequenced dose.
+@dataclass
+class PlanningProblem:
+    """A case made ready for optimisation: everything that does not depend on the objectives.
+
+    Computing the dose-influence matrix is the expensive, objective-independent part of planning;
+    keeping it here lets the virtual planner (:mod:`twinrt.planning.agent`) optimise many times
+    against one dij.
+
+    :param case: the case.
+    :param setup: the set-up used.
+    :param prescriptions: the prescriptions planned for.
+    :param body: body (external) structure; made from the CT when the case has none.
+    :param structures: the structures the optimiser sees (:func:`optimization_structures`, plus the
+        made body).
+    :param beams: rays of every beam.
+    :param dose_grid: the dose grid.
+    :param dij: the dose-influence matrix on ``dose_grid``.
+    :param dij_stats: non-zeros, bytes and seconds of the dij.
+    :param isocenter_mm: the isocentre used (LPS, mm).
+    :param timings_s: seconds of ``rays_s`` and ``dij_s``.
+    """
+
+    case: Case
+    setup: PlanSetup
+    prescriptions: list[Prescription]
+    body: Structure
+    structures: list[Structure]
+    beams: list[BeamRays]
+    dose_grid: Grid
+    dij: Any
+    dij_stats: dict[str, Any]
+    isocenter_mm: tuple[float, float, float]
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+def _sub_progress(progress: Optional[ProgressCallback], lo: float, hi: float) -> Optional[ProgressCallback]:
+    """``progress`` mapped onto the part ``lo..hi`` of the whole task."""
+    return None if progress is None else (lambda f, text: progress(lo + (hi - lo) * f, text))
+
+
+def prepare_problem(case: Case, setup: Optional[PlanSetup] = None,
+                    prescriptions: Optional[Sequence[Prescription]] = None,
+                    progress: Optional[ProgressCallback] = None,
+                    cancel: Optional[CancelToken] = None) -> PlanningProblem:
+    """Checks, rays, dose grid and dose-influence matrix: the objective-independent half of :func:`plan_case`.
 
     :param case: CT (HU) with structures; targets must be among them.
-    :param objectives: objectives (or their dicts); default :func:`default_objectives`.
-    :param setup: beams and parameters; default 9 equispaced beams, 5 mm bixels and dose grid.
+    :param setup: beams and parameters; default :class:`PlanSetup`.
     :param prescriptions: default the case's prescriptions.
-    :param label: RT plan label.
-    :param progress: ``progress(fraction, text)``.
+    :param progress: ``progress(fraction, text)``, 0..1 over this step.
     :param cancel: cancel token (raises :class:`twinrt.progress.CancelledError`).
-    :raises InvalidInputError: no prescription/target, beams missing the target, a dose grid too
-        large for memory (with the estimate); nothing is returned half-made.
-    :raises StructureError: a target or objective structure that is missing or empty.
+    :raises InvalidInputError: no prescription, beams missing the target, a dose grid too large.
+    :raises StructureError: a missing or empty target, or a target outside the body.
     """
     from twinrt.planning.engine import compute_dij, dose_grid_for
-    from twinrt.planning.optimizer import optimize_fluence
-    from twinrt.planning.plan import sequence_plan
     from twinrt.planning.rays import generate_rays
 
     setup = setup or PlanSetup()
     pres = _prescriptions(case, prescriptions)
     body = body_structure(case)
     structures = optimization_structures(case, pres) + ([body] if body.name == AUTO_BODY_NAME else [])
-    objective_dicts = [o if isinstance(o, dict) else o.to_dict() for o in (objectives or default_objectives(case, pres))]
-    objs = [objective_from_dict(o) for o in objective_dicts]
     grid = case.ct.grid
     target_mask = np.zeros(grid.shape, bool)
     for p in pres:
@@ -285,36 +318,136 @@ def plan_case(case: Case, objectives: Optional[Sequence[Objective | dict[str, An
     dose_grid = grid if setup.dose_grid_mm is None else dose_grid_for(grid, setup.dose_grid_mm)
     timings["rays_s"] = time.perf_counter() - t0
 
-    def sub(lo: float, hi: float) -> Optional[ProgressCallback]:
-        return None if progress is None else (lambda f, text: progress(lo + (hi - lo) * f, text))
-
     t0 = time.perf_counter()
     stats: dict[str, Any] = {}
+    # 0.02/0.45 .. 1: the sub-range plan_case has always given the dij (its progress is unchanged).
     dij = compute_dij(case.ct, dose_grid, beams, lateral_cutoff_mm=setup.lateral_cutoff_mm,
-                      progress=sub(0.02, 0.45), cancel=cancel, body_mask=body.on_grid(grid),
+                      progress=_sub_progress(progress, 0.02 / 0.45, 1.0), cancel=cancel,
+                      body_mask=body.on_grid(grid),
                       target_mask=(Structure("target", target_mask, grid).on_grid(dose_grid)), stats=stats)
     timings["dij_s"] = time.perf_counter() - t0
+    return PlanningProblem(case, setup, pres, body, structures, beams, dose_grid, dij,
+                           {k: v for k, v in stats.items() if k in ("nnz", "bytes", "seconds")},
+                           tuple(float(v) for v in iso), timings)
 
-    t0 = time.perf_counter()
-    opt = optimize_fluence(dij, structures, objs, max_iter=setup.max_iter, smoothness_weight=setup.smoothness_weight,
-                           max_dose_gy=setup.max_dose_gy, progress=sub(0.45, 0.9), cancel=cancel)
-    timings["optimization_s"] = time.perf_counter() - t0
 
+def _objective_dicts(objectives: Sequence[Objective | dict[str, Any]]) -> list[dict[str, Any]]:
+    return [dict(o) if isinstance(o, dict) else o.to_dict() for o in objectives]
+
+
+def optimize_problem(problem: PlanningProblem, objectives: Sequence[Objective | dict[str, Any]],
+                     initial_weights: Optional[np.ndarray] = None, max_iter: Optional[int] = None,
+                     progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None) -> Any:
+    """Optimise the fluence of a prepared problem (no sequencing).
+
+    :param problem: from :func:`prepare_problem`.
+    :param objectives: objectives (or their dicts).
+    :param initial_weights: warm start (one weight per bixel), default the optimiser's uniform start.
+    :param max_iter: iterations; default ``problem.setup.max_iter``.
+    :param progress: ``progress(fraction, text)``, 0..1 over this step.
+    :param cancel: cancel token.
+    :return: :class:`twinrt.planning.optimizer.OptimizationResult`.
+    """
+    from twinrt.planning.optimizer import optimize_fluence
+
+    setup = problem.setup
+    objs = [objective_from_dict(o) for o in _objective_dicts(objectives)]
+    return optimize_fluence(problem.dij, problem.structures, objs,
+                            max_iter=setup.max_iter if max_iter is None else int(max_iter),
+                            initial_weights=initial_weights, smoothness_weight=setup.smoothness_weight,
+                            max_dose_gy=setup.max_dose_gy, progress=progress, cancel=cancel)
+
+
+def sequence_result(problem: PlanningProblem, opt: Any, objectives: Sequence[Objective | dict[str, Any]],
+                    label: str = "TwinRT AI", timings_s: Optional[dict[str, float]] = None,
+                    progress: Optional[ProgressCallback] = None,
+                    cancel: Optional[CancelToken] = None) -> PlanningResult:
+    """Leaf-sequence an optimised fluence and build the :class:`PlanningResult`.
+
+    :param problem: from :func:`prepare_problem`.
+    :param opt: the :class:`~twinrt.planning.optimizer.OptimizationResult` to deliver.
+    :param objectives: the objectives ``opt`` was optimised for (recorded with the result).
+    :param label: RT plan label.
+    :param timings_s: timings so far (copied; ``sequencing_s`` is added).
+    :param progress: ``progress(fraction, text)`` at the start and end of sequencing.
+    :param cancel: cancel token.
+    """
+    from twinrt.planning.plan import sequence_plan
+
+    setup = problem.setup
+    timings = dict(timings_s or {})
     t0 = time.perf_counter()
-    report(progress, 0.9, "Leaf sequencing", cancel)
+    report(progress, 0.0, "Leaf sequencing", cancel)
     mu_w = mu_per_unit_weight(setup.bixel_width_mm, setup.lateral_cutoff_mm)
-    seq = sequence_plan(beams, opt.weights, pres, mu_per_unit_weight=mu_w, label=label, levels=setup.levels,
-                        leaf_width_mm=setup.leaf_width_mm, min_segment_mu=setup.min_segment_mu, dij=dij)
+    seq = sequence_plan(problem.beams, opt.weights, problem.prescriptions, mu_per_unit_weight=mu_w, label=label,
+                        levels=setup.levels, leaf_width_mm=setup.leaf_width_mm, min_segment_mu=setup.min_segment_mu,
+                        dij=problem.dij)
     timings["sequencing_s"] = time.perf_counter() - t0
     report(progress, 1.0, "Plan ready", cancel)
 
     source = "TwinRT photon pencil-beam (SVD kernels, matRad generic 6 MV machine); " \
              "fluence optimisation and Bortfeld 1994 step-and-shoot sequencing"
-    dose = Dose(seq.delivered_dose_gy, dose_grid, name="planned", source=source)
-    optimized = Dose(opt.dose_gy, dose_grid, name="optimized", source=source + " (ideal fluence)")
+    dose = Dose(seq.delivered_dose_gy, problem.dose_grid, name="planned", source=source)
+    optimized = Dose(opt.dose_gy, problem.dose_grid, name="optimized", source=source + " (ideal fluence)")
     optimization = {"iterations": opt.iterations, "time_s": opt.time_s, "total_objective": opt.total_objective,
                     "objective_values": list(opt.objective_values), "message": opt.message,
                     "evaluations": opt.evaluations}
     return PlanningResult(seq.plan, dose, optimized, opt.weights, seq.delivered_weights, seq.report,
-                          {k: v for k, v in stats.items() if k in ("nnz", "bytes", "seconds")}, optimization,
-                          timings, setup, objective_dicts, beams)
+                          dict(problem.dij_stats), optimization, timings, setup, _objective_dicts(objectives),
+                          problem.beams)
+
+
+def optimize_and_sequence(problem: PlanningProblem, objectives: Optional[Sequence[Objective | dict[str, Any]]] = None,
+                          initial_weights: Optional[np.ndarray] = None, label: str = "TwinRT AI",
+                          progress: Optional[ProgressCallback] = None,
+                          cancel: Optional[CancelToken] = None) -> PlanningResult:
+    """Optimise and sequence a prepared problem: the objective-dependent half of :func:`plan_case`.
+
+    :param problem: from :func:`prepare_problem`.
+    :param objectives: objectives (or their dicts); default :func:`default_objectives`.
+    :param initial_weights: warm start (one weight per bixel).
+    :param label: RT plan label.
+    :param progress: ``progress(fraction, text)``, 0..1 over this step.
+    :param cancel: cancel token.
+    """
+    objective_dicts = _objective_dicts(objectives or default_objectives(problem.case, problem.prescriptions))
+    # Checked before optimising so that a bad objective fails fast (as plan_case always did).
+    for o in objective_dicts:
+        objective_from_dict(o)
+    timings = dict(problem.timings_s)
+    t0 = time.perf_counter()
+    # 0.45..0.9 and 0.9..1 of plan_case's progress, re-based onto this step's 0..1.
+    opt = optimize_problem(problem, objective_dicts, initial_weights, progress=_sub_progress(progress, 0.0, 0.45 / 0.55),
+                           cancel=cancel)
+    timings["optimization_s"] = time.perf_counter() - t0
+    return sequence_result(problem, opt, objective_dicts, label, timings, _sub_progress(progress, 0.45 / 0.55, 1.0),
+                           cancel)
+
+
+def plan_case(case: Case, objectives: Optional[Sequence[Objective | dict[str, Any]]] = None,
+              setup: Optional[PlanSetup] = None, prescriptions: Optional[Sequence[Prescription]] = None,
+              label: str = "TwinRT AI", progress: Optional[ProgressCallback] = None,
+              cancel: Optional[CancelToken] = None) -> PlanningResult:
+    """Plan ``case``: rays, dij, fluence optimisation, leaf sequencing and the sequenced dose.
+
+    :func:`prepare_problem` followed by :func:`optimize_and_sequence`.
+
+    :param case: CT (HU) with structures; targets must be among them.
+    :param objectives: objectives (or their dicts); default :func:`default_objectives`.
+    :param setup: beams and parameters; default 9 equispaced beams, 5 mm bixels and dose grid.
+    :param prescriptions: default the case's prescriptions.
+    :param label: RT plan label.
+    :param progress: ``progress(fraction, text)``.
+    :param cancel: cancel token (raises :class:`twinrt.progress.CancelledError`).
+    :raises InvalidInputError: no prescription/target, beams missing the target, a dose grid too
+        large for memory (with the estimate); nothing is returned half-made.
+    :raises StructureError: a target or objective structure that is missing or empty.
+    """
+    pres = _prescriptions(case, prescriptions)
+    # Objectives are parsed before the (slow) dij so that a typo fails at once, as before.
+    objective_dicts = _objective_dicts(objectives or default_objectives(case, pres))
+    for o in objective_dicts:
+        objective_from_dict(o)
+    problem = prepare_problem(case, setup, pres, _sub_progress(progress, 0.0, 0.45), cancel)
+    return optimize_and_sequence(problem, objective_dicts, label=label, progress=_sub_progress(progress, 0.45, 1.0),
+                                 cancel=cancel)
