@@ -193,6 +193,31 @@ class Prescription:
         return self.dose_gy / self.fractions
 
 
+#: Review states of a plan (stored in files and scenes: never rename).
+PLAN_STATES = ("draft", "proposed", "approved", "rejected")
+#: The name TwinRT's AI acts under; it can never review a plan.
+AI_REVIEWER_NAMES = ("twinrt ai", "twinrt", "ai")
+
+
+def is_human_reviewer(name: Any) -> bool:
+    """True for a non-empty name that is not the AI's (:data:`AI_REVIEWER_NAMES`, any case)."""
+    return isinstance(name, str) and bool(name.strip()) and name.strip().lower() not in AI_REVIEWER_NAMES
+
+
+def approval_status(plan: "Plan") -> str:
+    """DICOM ApprovalStatus of ``plan``: ``APPROVED`` only when its state is ``approved`` *and* a
+    human reviewer is named, ``REJECTED`` likewise for ``rejected``, else ``UNAPPROVED``.
+
+    :param plan: the plan.
+    """
+    if is_human_reviewer(plan.reviewer_name):
+        if plan.state == "approved":
+            return "APPROVED"
+        if plan.state == "rejected":
+            return "REJECTED"
+    return "UNAPPROVED"
+
+
 @dataclass
 class Plan:
     """A treatment plan. Beams are filled in by AIPlanner (issue 3); the skeleton exports as RTPLAN.
@@ -201,7 +226,17 @@ class Plan:
     :param prescriptions: target prescriptions.
     :param beams: :class:`twinrt.planning.plan.PlanBeam` step-and-shoot beams, or dicts describing
         static open fields (keys in :func:`twinrt.dicom.rtplan.write_rtplan`).
-    :param approval: DICOM ApprovalStatus; AI plans are always ``UNAPPROVED``.
+    :param approval: DICOM ApprovalStatus. It is *derived* from ``state`` and ``reviewer_name`` (see
+        :func:`approval_status`) and any value passed is overwritten, so that no code path can mark
+        a plan ``APPROVED`` without a named human review (change the state with
+        :mod:`twinrt.planning.approval`). Values outside ``APPROVED``/``UNAPPROVED``/``REJECTED``
+        are refused.
+    :param radiation_type: DICOM RadiationType of the beams.
+    :param state: review state, one of :data:`PLAN_STATES`: ``draft`` → ``proposed`` →
+        ``approved`` or ``rejected``.
+    :param reviewer_name: the person who approved or rejected the plan (never the AI).
+    :param review_datetime: when, ISO 8601 UTC.
+    :param review_comment: the reviewer's comment or rejection reason.
     """
 
     label: str = "TwinRT"
@@ -209,6 +244,19 @@ class Plan:
     beams: list[Any] = field(default_factory=list)
     approval: str = "UNAPPROVED"
     radiation_type: str = "PHOTON"
+    # Review fields come last so that positional construction (label, prescriptions, beams,
+    # approval, radiation_type) keeps working.
+    state: str = "draft"
+    reviewer_name: str = ""
+    review_datetime: str = ""
+    review_comment: str = ""
+
+    def __post_init__(self) -> None:
+        if str(self.approval).upper() not in ("APPROVED", "UNAPPROVED", "REJECTED"):
+            raise InvalidInputError(f"Plan approval '{self.approval}' must be one of APPROVED, UNAPPROVED, REJECTED")
+        if self.state not in PLAN_STATES:
+            raise InvalidInputError(f"Plan state '{self.state}' must be one of {', '.join(PLAN_STATES)}")
+        self.approval = approval_status(self)
 
     @property
     def fractions(self) -> int:

@@ -16,8 +16,14 @@ do not, so they are given at control point 0 only. BeamType is ``STATIC``: PS3.3
 "all Control Point Sequence attributes remain unchanged between consecutive pairs of control points
 with changing Cumulative Meterset Weight", which is exactly step-and-shoot (DYNAMIC is for leaves
 moving while the beam is on: sliding window, VMAT). Some planning systems label step-and-shoot
-DYNAMIC; :func:`read_rtplan` accepts both. AI plans are always written ``UNAPPROVED``: a person
-must review them in a treatment planning system.
+DYNAMIC; :func:`read_rtplan` accepts both.
+
+Approval: ApprovalStatus is derived from the plan's review state (:func:`twinrt.model.approval_status`):
+``APPROVED`` only for a plan a named person approved through :func:`twinrt.planning.approval.approve`,
+``REJECTED`` for one a named person rejected, ``UNAPPROVED`` for drafts and proposals (every AI plan).
+APPROVED and REJECTED carry ReviewerName, ReviewDate and ReviewTime (local time, like the other
+dates of the file); :func:`read_rtplan` gives them back as ``state``, ``reviewer_name`` and
+``review_datetime`` (UTC ISO 8601).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from twinrt.dicom.common import (RT_PLAN_STORAGE, RT_STRUCTURE_SET_STORAGE, Dico
                                  read_dicom_object, save_dataset)
 from twinrt.dicom.ct import format_ds, format_ds_list
 from twinrt.errors import DicomImportError, InvalidInputError
-from twinrt.model import Plan, Prescription
+from twinrt.model import Plan, Prescription, approval_status
 from twinrt.planning.beams import Beam
 from twinrt.planning.plan import PlanBeam, is_plan_beam_dict
 from twinrt.planning.sequencing import ALGORITHM_CITATION, Segment
@@ -72,9 +78,14 @@ def write_rtplan(plan: Plan, ctx: DicomContext, path: str | Path, structure_set_
     :param description: RTPlanDescription; default says the plan is a research, unapproved skeleton.
     :return: the SOPInstanceUID written.
     """
-    approval = plan.approval.upper()
-    if approval not in APPROVAL_STATUSES:
+    if str(plan.approval).upper() not in APPROVAL_STATUSES:
         raise InvalidInputError(f"Plan approval '{plan.approval}' must be one of {', '.join(APPROVAL_STATUSES)}")
+    # The status written is derived from the review state, never taken from ``plan.approval``
+    # alone: APPROVED needs state "approved" and a named human reviewer (twinrt.planning.approval).
+    approval = approval_status(plan)
+    if str(plan.approval).upper() != approval:
+        log.warning("Plan '%s': approval %s does not match its review state '%s'; writing %s", plan.label,
+                    plan.approval, plan.state, approval)
     if not plan.label.strip():
         raise InvalidInputError("The plan needs a non-empty label (DICOM RTPlanLabel)")
     sop_instance_uid = sop_instance_uid or new_uid()
@@ -129,13 +140,14 @@ def write_rtplan(plan: Plan, ctx: DicomContext, path: str | Path, structure_set_
         for b in beams:
             b.ReferencedPatientSetupNumber = 1
     ds.FractionGroupSequence = _fraction_groups(plan, beams, metersets)
-    # Approval: AI plans stay UNAPPROVED; review details are only required for APPROVED/REJECTED.
+    # Approval (PS3.3 C.8.8.16): ReviewDate, ReviewTime (1C) and ReviewerName (2C) are required
+    # for APPROVED and REJECTED, and absent for UNAPPROVED.
     ds.ApprovalStatus = approval
     if approval != "UNAPPROVED":
-        now = _dt.datetime.now()
-        ds.ReviewDate = now.strftime("%Y%m%d")
-        ds.ReviewTime = now.strftime("%H%M%S")
-        ds.ReviewerName = ""
+        reviewed = _review_local_time(plan.review_datetime)
+        ds.ReviewDate = reviewed.strftime("%Y%m%d")
+        ds.ReviewTime = reviewed.strftime("%H%M%S")
+        ds.ReviewerName = _person_name(plan.reviewer_name)
     save_dataset(ds, path)
     return sop_instance_uid
 
@@ -347,8 +359,54 @@ def read_rtplan(path: str | Path) -> Plan:
         plan_beam = _plan_beam(b, meterset)
         beams.append(plan_beam if plan_beam is not None else _beam_dict(b, meterset))
     radiation = str(ds.BeamSequence[0].get("RadiationType", "PHOTON")) if beams else "PHOTON"
+    # ``approval`` follows from the review fields (Plan.__post_init__).
     return Plan(label=str(ds.get("RTPlanLabel", "") or path.stem), prescriptions=prescriptions, beams=beams,
-                approval=str(ds.get("ApprovalStatus", "UNAPPROVED") or "UNAPPROVED"), radiation_type=radiation)
+                radiation_type=radiation, **_review_fields(ds))
+
+
+def _review_local_time(iso: str) -> _dt.datetime:
+    """Local wall-clock time of an ISO 8601 review time (now when empty or unreadable).
+
+    Other dates in the file (InstanceCreationDate, RTPlanDate) are local time without an offset,
+    so the review time is written the same way.
+    """
+    try:
+        when = _dt.datetime.fromisoformat(iso.replace("Z", "+00:00")) if iso else None
+    except ValueError:
+        log.warning("Review time '%s' is not ISO 8601; writing the current time", iso)
+        when = None
+    if when is None:
+        return _dt.datetime.now()
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=_dt.timezone.utc)
+    return when.astimezone().replace(tzinfo=None)
+
+
+def _person_name(name: str) -> str:
+    """A reviewer name as DICOM PN: backslashes removed (value delimiter), at most 64 characters."""
+    return name.strip().replace("\\", " ")[:64]
+
+
+def _review_fields(ds: Dataset) -> dict[str, str]:
+    """Plan review fields from the Approval module of ``ds`` (state, reviewer, UTC ISO time)."""
+    approval = str(ds.get("ApprovalStatus", "UNAPPROVED") or "UNAPPROVED").upper()
+    reviewer = str(ds.get("ReviewerName", "") or "").strip()
+    if approval == "UNAPPROVED":
+        return {"state": "draft"}
+    if not reviewer:
+        # APPROVED or REJECTED by nobody named: TwinRT cannot trust that, so the plan awaits review.
+        log.warning("RTPLAN says %s without a ReviewerName; reading it as a proposed plan", approval)
+        return {"state": "proposed"}
+    when = ""
+    date, time = str(ds.get("ReviewDate", "") or ""), str(ds.get("ReviewTime", "") or "")
+    if date:
+        try:
+            local = _dt.datetime.strptime(date + (time.split(".")[0] or "000000").ljust(6, "0")[:6], "%Y%m%d%H%M%S")
+            when = local.astimezone(_dt.timezone.utc).isoformat().replace("+00:00", "Z")
+        except ValueError:
+            log.warning("ReviewDate/ReviewTime '%s %s' unreadable; review time left empty", date, time)
+    return {"state": "approved" if approval == "APPROVED" else "rejected", "reviewer_name": reviewer,
+            "review_datetime": when}
 
 
 def _num(ds: Dataset, keyword: str, default: float | None = None) -> float | None:
