@@ -1,0 +1,647 @@
+"""The virtual planner: optimise, check the clinical goals, adjust the objectives, repeat.
+
+:func:`virtual_planner` computes the dose-influence matrix once (:func:`~twinrt.planning.workflow.prepare_problem`)
+and then runs rounds of fluence optimisation, each warm-started from the previous round's
+weights. After every round it evaluates the goals on the optimised dose and a rule-based policy
+(:func:`propose_edits`) turns the goal results into objective edits (:class:`Edit`). At the end the
+best round is leaf-sequenced and the goals are evaluated again on the deliverable dose. Every step
+is recorded in a JSON-serialisable trace, and must-goals that still fail are explained by naming
+the goals that pull the other way (:attr:`AgentResult.conflicts`).
+
+Rules (in this order of priority: must > should > nice; the numbers are module constants):
+
+* A failing goal gets its own objective, mirroring it: an upper limit on an organ (``Dmean <= X``,
+  ``Dmax``/``D0.1cc``/``D2%`` ``<= X``, ``V20Gy <= 30%``) becomes a mean-dose, squared-overdose or
+  max-DVH objective at ``X`` minus a margin (:data:`LEVEL_MARGIN`); a lower limit on a target
+  (``D95% >= X``, ``Dmin``, ``V95%Rx >= 98%``) becomes a squared-underdose or min-DVH objective at
+  ``X`` plus the margin. Its first weight depends on the goal's priority (:data:`FIRST_WEIGHT`).
+* A goal that still fails has its objective's weight multiplied by :data:`ESCALATION` (×4 must,
+  ×2 should, ×1.5 nice) and its dose level moved by half the remaining excess (towards 0 for upper
+  limits, up to ``1.1 X`` for lower limits). A failing target coverage goal also scales the
+  target's existing squared-underdose objectives by the same factor.
+* A goal that passes by a large margin (:data:`RELAX_MARGIN` of its limit) while a goal of at least
+  its priority fails has the weight of its agent-made objective halved (never below a quarter of
+  its first weight), to give room to the failing goal. Objectives the user gave are never relaxed.
+* The planner stops when every goal passes; when every must-goal passes and no should- or
+  nice-goal improved in the last round; when no rule applies; after ``max_rounds``; or when the
+  next round would exceed ``time_budget_s``. The round delivered is the best one: most must-goals
+  met, then the highest score.
+
+The policy is deterministic: the same case, goals, set-up and objectives give the same trace
+(except its ``seconds``) and the same weights.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+
+from twinrt.errors import InvalidInputError
+from twinrt.model import Case, Dose, Prescription, Structure, StructureType
+from twinrt.planning.goals import PRIORITIES, Goal, GoalResult, evaluate_goal
+from twinrt.planning.objectives import Objective, objective_from_dict
+from twinrt.planning.workflow import (PlanningProblem, PlanningResult, PlanSetup, default_objectives,
+                                      optimize_problem, prepare_problem, sequence_result)
+from twinrt.progress import CancelToken, ProgressCallback, report
+
+#: Edit kinds understood by :func:`apply_edits` (objectives) and :func:`apply_goal_edits` (goals).
+OBJECTIVE_EDIT_KINDS = ("set_objective", "scale_weight", "remove_objective")
+GOAL_EDIT_KINDS = ("add_goal", "remove_goal")
+#: Weight multiplier for a goal that still fails, by priority (must pulls hardest).
+ESCALATION = {"must": 4.0, "should": 2.0, "nice": 1.5}
+#: First weight of an objective made for a failing goal: (target goals, other goals), by priority.
+#: Targets start near the default underdose weight (3000) because coverage objectives compete with
+#: the default deviation objective (1000); organ objectives start an order of magnitude lower, near
+#: the default organ weights (30), and escalate.
+FIRST_WEIGHT = {"must": (3000.0, 300.0), "should": (1000.0, 100.0), "nice": (300.0, 30.0)}
+#: Relative margin between a goal's limit and the dose level of its objective (aim a bit inside).
+LEVEL_MARGIN = 0.03
+#: A goal passing by at least this fraction of its limit may be relaxed.
+RELAX_MARGIN = 0.2
+#: Relaxation factor and the floor (fraction of the first weight) below which it stops.
+RELAX_FACTOR = 0.5
+RELAX_FLOOR = 0.25
+#: A margin change smaller than this fraction of the limit (at least 0.01 unit) is "no improvement".
+IMPROVEMENT_TOL = 0.002
+#: Organs within this distance (mm) of a target count as pulling against its coverage.
+NEIGHBOUR_MM = 10.0
+#: Score weight of a met goal by priority (the score is the weighted share of goals met).
+SCORE_WEIGHT = {"must": 3.0, "should": 2.0, "nice": 1.0}
+_DVH_KINDS = ("max_dvh", "min_dvh")
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One structured change to the objectives (or the goals), with the reason for it.
+
+    Kinds:
+
+    * ``set_objective``: set the objective ``objective`` (a kind, e.g. ``"mean_dose"``) on
+      ``structure`` to dose ``value`` (Gy) and ``weight``; DVH kinds also take ``volume_percent``.
+      An existing objective with the same structure, kind (and volume) is replaced, else one is added.
+    * ``scale_weight``: multiply by ``factor`` the weight of the objectives on ``structure`` (only
+      those of kind ``objective`` when given).
+    * ``remove_objective``: remove the objectives on ``structure`` (of kind ``objective`` when given).
+    * ``add_goal``: add the goal ``structure metric comparator value`` with ``priority``.
+    * ``remove_goal``: remove the goals on ``structure`` (with ``metric`` when given).
+
+    :param kind: one of the kinds above.
+    :param structure: structure name (matched case-insensitively).
+    :param objective: objective kind (see :mod:`twinrt.planning.objectives`), for objective edits.
+    :param metric: goal metric (``"Dmean"``, ``"D95%"``), for goal edits.
+    :param value: objective dose (Gy) or goal limit.
+    :param weight: objective weight (``set_objective``).
+    :param volume_percent: DVH objective volume (%).
+    :param factor: weight multiplier (``scale_weight``).
+    :param comparator: ``"<="`` or ``">="`` (``add_goal``).
+    :param priority: ``must``, ``should`` or ``nice`` (``add_goal``).
+    :param reason: plain words: why the edit is made.
+    """
+
+    kind: str
+    structure: str
+    objective: str = ""
+    metric: str = ""
+    value: Optional[float] = None
+    weight: Optional[float] = None
+    volume_percent: Optional[float] = None
+    factor: Optional[float] = None
+    comparator: str = ""
+    priority: str = ""
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in OBJECTIVE_EDIT_KINDS + GOAL_EDIT_KINDS:
+            raise InvalidInputError(f"Unknown edit kind '{self.kind}'; use one of "
+                                    f"{', '.join(OBJECTIVE_EDIT_KINDS + GOAL_EDIT_KINDS)}")
+        if not str(self.structure).strip():
+            raise InvalidInputError(f"A {self.kind} edit needs a structure name")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (fields left at their defaults are dropped)."""
+        return {k: v for k, v in asdict(self).items() if v not in (None, "")}
+
+
+def _same_objective(o: dict[str, Any], structure: str, kind: str, volume: Optional[float]) -> bool:
+    if o["structure"].lower() != structure.lower() or (kind and o["kind"] != kind):
+        return False
+    if kind in _DVH_KINDS and volume is not None:
+        return abs(float(o.get("volume_percent", -1.0)) - float(volume)) < 1e-9
+    return True
+
+
+def apply_edits(objectives: Sequence[Objective | dict[str, Any]], edits: Iterable[Edit]) -> list[dict[str, Any]]:
+    """Apply the objective edits (goal edits are skipped: see :func:`apply_goal_edits`) in order.
+
+    :param objectives: objectives or their dicts (not modified).
+    :param edits: the edits.
+    :return: the new objective dicts, each valid for :func:`~twinrt.planning.objectives.objective_from_dict`.
+    :raises InvalidInputError: an edit that matches no objective, or gives an invalid objective.
+    """
+    objs = [dict(o) if isinstance(o, dict) else o.to_dict() for o in objectives]
+    for e in edits:
+        if e.kind == "set_objective":
+            if not e.objective or e.value is None:
+                raise InvalidInputError(f"set_objective on '{e.structure}' needs an objective kind and a dose")
+            new: dict[str, Any] = {"structure": e.structure, "kind": e.objective, "dose_gy": float(e.value)}
+            if e.objective in _DVH_KINDS:
+                if e.volume_percent is None:
+                    raise InvalidInputError(f"A {e.objective} objective on '{e.structure}' needs a volume_percent")
+                new["volume_percent"] = float(e.volume_percent)
+            idx = [i for i, o in enumerate(objs) if _same_objective(o, e.structure, e.objective, e.volume_percent)]
+            if idx:
+                new["structure"] = objs[idx[0]]["structure"]
+                new["weight"] = float(e.weight) if e.weight is not None else float(objs[idx[0]].get("weight", 1.0))
+                objs[idx[0]] = new
+            else:
+                new["weight"] = float(e.weight) if e.weight is not None else 1.0
+                objs.append(new)
+            objective_from_dict(new)  # refuses invalid doses/weights with a message naming the structure
+        elif e.kind == "scale_weight":
+            if e.factor is None or not (math.isfinite(e.factor) and e.factor >= 0):
+                raise InvalidInputError(f"scale_weight on '{e.structure}' needs a factor >= 0, got {e.factor!r}")
+            hit = [o for o in objs if _same_objective(o, e.structure, e.objective, e.volume_percent)]
+            if not hit:
+                raise InvalidInputError(f"No {e.objective or ''} objective on '{e.structure}' to scale; "
+                                        "add one with set_objective first".replace("  ", " "))
+            for o in hit:
+                o["weight"] = float(o.get("weight", 1.0)) * float(e.factor)
+        elif e.kind == "remove_objective":
+            kept = [o for o in objs if not _same_objective(o, e.structure, e.objective, e.volume_percent)]
+            if len(kept) == len(objs):
+                raise InvalidInputError(f"No {e.objective or ''} objective on '{e.structure}' to remove"
+                                        .replace("  ", " "))
+            objs = kept
+    return objs
+
+
+def apply_goal_edits(goals: Sequence[Goal], edits: Iterable[Edit]) -> list[Goal]:
+    """Apply the goal edits (``add_goal``, ``remove_goal``; objective edits are skipped) in order.
+
+    :raises InvalidInputError: an invalid goal, or a removal that matches no goal.
+    """
+    out = list(goals)
+    for e in edits:
+        if e.kind == "add_goal":
+            if e.value is None or not e.metric:
+                raise InvalidInputError(f"add_goal on '{e.structure}' needs a metric and a value")
+            out.append(Goal(e.structure, e.metric, e.comparator or "<=", float(e.value), e.priority or "should",
+                            note=e.reason))
+        elif e.kind == "remove_goal":
+            kept = [g for g in out if not (g.structure.lower() == e.structure.lower()
+                                           and (not e.metric or g.metric.lower() == e.metric.lower()))]
+            if len(kept) == len(out):
+                raise InvalidInputError(f"No goal on '{e.structure}' {e.metric} to remove".replace("  ", " "))
+            out = kept
+    return out
+
+
+@dataclass
+class AgentResult:
+    """What :func:`virtual_planner` produced.
+
+    :param planning: the delivered plan (best round, sequenced) as a :class:`PlanningResult`.
+    :param objectives: the objective dicts of the delivered round.
+    :param goals: the goals planned for.
+    :param results: goal results on the sequenced dose; ``optimized_results``: on the ideal fluence.
+    :param score: weighted share of goals met on the sequenced dose (0..1);
+        ``must_passed``: every evaluable must-goal met there.
+    :param trace: one dict per round, then one for the sequenced plan (JSON-serialisable).
+    :param conflicts: one dict per must-goal still failing: ``goal``, ``opposing`` (goal
+        descriptions), ``text`` (plain words).
+    :param best_round: the round delivered; ``rounds``: rounds run; ``stop_reason``: why it stopped.
+    :param seconds: wall time of the whole run.
+    """
+
+    planning: PlanningResult
+    objectives: list[dict[str, Any]]
+    goals: list[Goal]
+    results: list[GoalResult]
+    optimized_results: list[GoalResult]
+    score: float
+    must_passed: bool
+    trace: list[dict[str, Any]]
+    conflicts: list[dict[str, Any]]
+    best_round: int
+    rounds: int
+    stop_reason: str
+    seconds: float
+
+    @property
+    def explanations(self) -> list[str]:
+        """The goal results in plain words, then the conflicts."""
+        return [r.explanation for r in self.results] + [c["text"] for c in self.conflicts]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (trace, conflicts, objectives, final goal results)."""
+        return {"best_round": self.best_round, "rounds": self.rounds, "stop_reason": self.stop_reason,
+                "seconds": self.seconds, "score": self.score, "must_passed": self.must_passed,
+                "objectives": self.objectives, "goals": [g.to_dict() for g in self.goals],
+                "results": [_result_dict(r) for r in self.results], "conflicts": self.conflicts,
+                "trace": self.trace}
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+def _find(case: Case, name: str) -> Optional[Structure]:
+    for s in case.structures:
+        if s.name.lower() == name.lower() and not s.is_empty:
+            return s
+    return None
+
+
+def evaluate_goals(case: Case, dose: Dose, goals: Sequence[Goal]) -> list[GoalResult]:
+    """Each goal on ``dose`` (DVH on the structure's grid; absent structures give ``passed=None``).
+
+    Used until :mod:`twinrt.planning.evaluation` is available, and for plain goal lists.
+    """
+    from twinrt import dvh
+
+    cache: dict[str, Any] = {}
+    out = []
+    for g in goals:
+        s = _find(case, g.structure)
+        if s is None:
+            out.append(evaluate_goal(g, None))
+            continue
+        if s.name not in cache:
+            cache[s.name] = dvh.structure_dvh(dose, s)
+        out.append(evaluate_goal(g, cache[s.name]))
+    return out
+
+
+def score_of(results: Sequence[GoalResult]) -> tuple[float, bool, int]:
+    """(weighted share of evaluable goals met, all must-goals met, number of must-goals met)."""
+    total = sum(SCORE_WEIGHT[r.goal.priority] for r in results if r.passed is not None)
+    met = sum(SCORE_WEIGHT[r.goal.priority] for r in results if r.passed)
+    musts = [r for r in results if r.goal.priority == "must" and r.passed is not None]
+    return (met / total if total else 1.0), all(r.passed for r in musts), sum(bool(r.passed) for r in musts)
+
+
+def _round(x: Optional[float]) -> Optional[float]:
+    return None if x is None else round(float(x), 4)
+
+
+def _result_dict(r: GoalResult) -> dict[str, Any]:
+    return {"goal": r.goal.describe(), "value": _round(r.value), "passed": r.passed, "margin": _round(r.margin)}
+
+
+# ---------------------------------------------------------------------------------------- policy
+@dataclass
+class _Owned:
+    """An objective the agent made for a goal: its identity and first weight."""
+
+    structure: str
+    kind: str
+    volume_percent: Optional[float]
+    first_weight: float
+
+
+def _structure_volume_cc(s: Structure) -> float:
+    return float(s.mask.sum()) * s.grid.voxel_volume_cc
+
+
+def goal_objective(goal: Goal, structure: Structure) -> Optional[dict[str, Any]]:
+    """The objective that pulls ``goal`` towards passing (without weight), or ``None`` when no rule fits.
+
+    Upper limits aim at ``limit × (1 - LEVEL_MARGIN)``, lower limits at ``limit × (1 + LEVEL_MARGIN)``.
+    """
+    m = goal.parsed_metric
+    upper = goal.comparator == "<="
+    shift = (1.0 - LEVEL_MARGIN) if upper else (1.0 + LEVEL_MARGIN)
+    vol = _structure_volume_cc(structure)
+    name = structure.name
+    if m.is_dose:
+        level = goal.value * shift
+        if m.kind == "mean":
+            return {"structure": name, "kind": "mean_dose", "dose_gy": level} if upper else \
+                {"structure": name, "kind": "min_dvh", "dose_gy": level, "volume_percent": 50.0}
+        if m.kind in ("max", "min"):
+            if (m.kind == "max") != upper:
+                return None  # "Dmax >= X" or "Dmin <= X": nothing sensible to push
+            return {"structure": name, "kind": "squared_overdose" if upper else "squared_underdose", "dose_gy": level}
+        pct = m.parameter if m.kind == "dose_at_percent" else 100.0 * m.parameter / max(vol, 1e-9)
+        pct = min(max(pct, 0.0), 100.0)
+        # A D_x with a tiny (upper) or nearly whole (lower) volume is a max/min: voxel-wise is steadier.
+        if upper and pct <= 2.0:
+            return {"structure": name, "kind": "squared_overdose", "dose_gy": level}
+        if not upper and pct >= 98.0:
+            return {"structure": name, "kind": "squared_underdose", "dose_gy": level}
+        return {"structure": name, "kind": "max_dvh" if upper else "min_dvh", "dose_gy": level,
+                "volume_percent": round(pct, 4)}
+    # V_xGy (<=|>=) y: a DVH objective at dose x (shifted) and volume y.
+    pct = goal.value if m.kind == "volume_percent_at" else 100.0 * goal.value / max(vol, 1e-9)
+    pct = min(max(pct, 0.0), 100.0)
+    if upper and pct >= 100.0 or not upper and pct <= 0.0:
+        return None
+    return {"structure": name, "kind": "max_dvh" if upper else "min_dvh", "dose_gy": m.parameter * shift,
+            "volume_percent": round(pct, 4)}
+
+
+def _find_objective(objs: Sequence[dict[str, Any]], owned: _Owned) -> Optional[dict[str, Any]]:
+    for o in objs:
+        if _same_objective(o, owned.structure, owned.kind, owned.volume_percent):
+            return o
+    return None
+
+
+def _limit_scale(goal: Goal) -> float:
+    return max(abs(goal.value), 1.0)
+
+
+def propose_edits(case: Case, results: Sequence[GoalResult], objectives: Sequence[dict[str, Any]],
+                  owned: dict[int, _Owned], optimizable: set[str]) -> list[Edit]:
+    """The rule-based policy: objective edits for one round's goal results (rules: module docstring).
+
+    :param case: the case (structure types and volumes).
+    :param results: goal results of the round, in goal order.
+    :param objectives: the objectives of the round.
+    :param owned: goal index → the objective the agent made for it (updated in place for new ones).
+    :param optimizable: lower-case names of structures that keep voxels in the optimisation.
+    """
+    edits: list[Edit] = []
+    failing_prios = {PRIORITIES.index(r.goal.priority) for r in results if r.passed is False}
+    # Must-goals first so that, when two edits touch one objective, the must-goal's comes first.
+    order = sorted(range(len(results)), key=lambda i: (PRIORITIES.index(results[i].goal.priority), i))
+    touched: set[tuple[str, str, Optional[float]]] = set()
+    for i in order:
+        r = results[i]
+        g = r.goal
+        s = _find(case, g.structure)
+        if r.passed is None or s is None or s.name.lower() not in optimizable:
+            continue
+        is_target = s.type == StructureType.TARGET
+        factor = ESCALATION[g.priority]
+        if r.passed is False:
+            excess = abs(float(r.margin))
+            unit = g.unit
+            what = f"{g.describe()} fails: {g.metric} is {r.value:.2f} {unit}, {excess:.2f} {unit} " \
+                   f"{'above' if g.comparator == '<=' else 'below'} the limit"
+            known = owned.get(i)
+            current = _find_objective(objectives, known) if known else None
+            if current is None:
+                spec = goal_objective(g, s)
+                if spec is None:
+                    continue
+                key = (spec["structure"].lower(), spec["kind"], spec.get("volume_percent"))
+                if key in touched:
+                    continue
+                touched.add(key)
+                existing = [o for o in objectives if _same_objective(o, s.name, spec["kind"], spec.get("volume_percent"))]
+                first = FIRST_WEIGHT[g.priority][0 if is_target else 1]
+                weight = max([first] + [float(o["weight"]) * factor for o in existing])
+                owned[i] = _Owned(s.name, spec["kind"], spec.get("volume_percent"), first)
+                edits.append(Edit("set_objective", s.name, objective=spec["kind"], value=round(spec["dose_gy"], 4),
+                                  weight=weight, volume_percent=spec.get("volume_percent"),
+                                  reason=f"{what}; {spec['kind'].replace('_', ' ')} objective at "
+                                         f"{spec['dose_gy']:.2f} Gy (weight {weight:g}) to pull it back"))
+            else:
+                key = (known.structure.lower(), known.kind, known.volume_percent)
+                if key in touched:
+                    continue
+                touched.add(key)
+                level = float(current["dose_gy"])
+                # Move the level by half the remaining excess (in dose units; for volume metrics by
+                # the margin fraction), so that the next round aims further inside the limit.
+                step = 0.5 * excess if g.parsed_metric.is_dose else LEVEL_MARGIN * level
+                if g.comparator == "<=":
+                    new_level = max(0.0, level - step)
+                else:
+                    cap = 1.1 * (g.value if g.parsed_metric.is_dose else g.parsed_metric.parameter)
+                    new_level = min(max(level, cap), level + step) if level < cap else level
+                weight = float(current["weight"]) * factor
+                edits.append(Edit("set_objective", known.structure, objective=known.kind, value=round(new_level, 4),
+                                  weight=weight, volume_percent=known.volume_percent,
+                                  reason=f"{what} (still); weight ×{factor:g} to {weight:g}, level "
+                                         f"{level:.2f} → {new_level:.2f} Gy"))
+            if is_target and g.comparator == ">=":
+                for o in objectives:
+                    if o["structure"].lower() == s.name.lower() and o["kind"] == "squared_underdose" \
+                            and (o["structure"].lower(), "squared_underdose", None) not in touched:
+                        touched.add((o["structure"].lower(), "squared_underdose", None))
+                        edits.append(Edit("scale_weight", o["structure"], objective="squared_underdose",
+                                          factor=factor, reason=f"{g.describe()} fails: target underdose "
+                                                                f"weight ×{factor:g}"))
+                        break
+        elif r.passed and i in owned and r.margin is not None and r.margin >= RELAX_MARGIN * _limit_scale(g):
+            # Relax only for a failing goal at least as important as this one (must > should > nice).
+            if not any(p <= PRIORITIES.index(g.priority) for p in failing_prios):
+                continue
+            known = owned[i]
+            current = _find_objective(objectives, known)
+            key = (known.structure.lower(), known.kind, known.volume_percent)
+            if current is None or key in touched:
+                continue
+            weight = float(current["weight"]) * RELAX_FACTOR
+            if weight < RELAX_FLOOR * known.first_weight:
+                continue
+            touched.add(key)
+            edits.append(Edit("scale_weight", known.structure, objective=known.kind, volume_percent=known.volume_percent,
+                              factor=RELAX_FACTOR,
+                              reason=f"{g.describe()} passes by {r.margin:.2f} {g.unit}; weight ×{RELAX_FACTOR:g} "
+                                     "to give room to failing goals"))
+    return edits
+
+
+# ---------------------------------------------------------------------------------------- conflicts
+def _gap_mm(a: Structure, b: Structure) -> tuple[float, float]:
+    """(overlap in cc, gap in mm between the masks; 0 when they touch or overlap) on ``a``'s grid."""
+    from scipy import ndimage
+
+    ma = a.mask
+    mb = b.on_grid(a.grid)
+    overlap = float((ma & mb).sum()) * a.grid.voxel_volume_cc
+    if overlap > 0:
+        return overlap, 0.0
+    if not mb.any():
+        return 0.0, math.inf
+    sp = tuple(float(v) for v in a.grid.spacing[::-1])  # (k, j, i) spacing
+    pad = [int(math.ceil(NEIGHBOUR_MM / s)) + 1 for s in sp]
+    idx = np.argwhere(ma)
+    lo = np.maximum(idx.min(0) - pad, 0)
+    hi = np.minimum(idx.max(0) + pad + 1, ma.shape)
+    sl = tuple(slice(int(l), int(h)) for l, h in zip(lo, hi))
+    if not mb[sl].any():
+        return 0.0, math.inf
+    dist = ndimage.distance_transform_edt(~ma[sl], sampling=sp)
+    return 0.0, float(dist[mb[sl]].min())
+
+
+def find_conflicts(case: Case, results: Sequence[GoalResult], optimized: Sequence[GoalResult],
+                   rounds: int) -> list[dict[str, Any]]:
+    """Explain every must-goal that fails on the delivered dose.
+
+    Opposing goals: goals with the other comparator on the same structure, or on a structure that
+    overlaps it or lies within :data:`NEIGHBOUR_MM` (a target's lower limit against an organ's
+    upper limit pull the same voxels, or the dose fall-off between them, in opposite directions).
+    """
+    out = []
+    for r, ro in zip(results, optimized):
+        g = r.goal
+        if g.priority != "must" or r.passed is not False:
+            continue
+        s = _find(case, g.structure)
+        opposing = []
+        for h in (x.goal for x in results):
+            if h is g or h.comparator == g.comparator or _find(case, h.structure) is None:
+                continue
+            t = _find(case, h.structure)
+            if t.name == s.name:
+                opposing.append((0, 0.0, h, f"both are on {s.name}"))
+                continue
+            overlap, gap = _gap_mm(s, t)
+            if overlap > 0:
+                opposing.append((1, -overlap, h, f"{t.name} and {s.name} overlap by {overlap:.1f} cc, and those "
+                                                 f"voxels cannot satisfy both"))
+            elif gap <= NEIGHBOUR_MM:
+                opposing.append((2, gap, h, f"{t.name} lies {gap:.0f} mm from {s.name}, too close for the dose to "
+                                            f"fall from one limit to the other"))
+        opposing.sort(key=lambda x: (x[0], x[1], PRIORITIES.index(x[2].priority)))
+        if ro.passed:
+            text = f"'{g.describe()}' is met by the optimised fluence but not after leaf sequencing " \
+                   f"({r.explanation}); more intensity levels or smaller segments may keep it."
+        elif opposing:
+            names = " and ".join(f"'{x[2].describe()}'" for x in opposing[:2])
+            text = f"'{g.describe()}' still fails after {rounds} round(s) of escalation: it conflicts with {names} — " \
+                   f"{opposing[0][3]}. Relax one of them (or change the contours) to meet the other."
+        else:
+            text = f"'{g.describe()}' still fails after {rounds} round(s) of escalation and no goal pulls against " \
+                   "it; more beams or other beam angles may be needed."
+        out.append({"goal": g.describe(), "opposing": [x[2].describe() for x in opposing], "text": text})
+    return out
+
+
+# ---------------------------------------------------------------------------------------- the planner
+def _goal_list(goals: Any) -> list[Goal]:
+    items = list(goals.goals) if hasattr(goals, "goals") else list(goals)
+    for g in items:
+        if not isinstance(g, Goal):
+            raise InvalidInputError(f"Goals must be Goal instances (or a goal set), got {g!r}")
+    if not items:
+        raise InvalidInputError("No goals given: the virtual planner needs clinical goals to plan for")
+    return items
+
+
+def _optimizable(problem: PlanningProblem) -> set[str]:
+    """Lower-case names of structures with voxels left after the optimiser's overlap rule."""
+    from twinrt.planning.optimizer import OVERLAP_PRIORITY
+
+    masks = {s.name: np.asarray(s.on_grid(problem.dose_grid), bool) for s in problem.structures}
+    out = set()
+    for s in problem.structures:
+        m = masks[s.name].copy()
+        for o in problem.structures:
+            if o is not s and OVERLAP_PRIORITY[o.type] < OVERLAP_PRIORITY[s.type]:
+                m &= ~masks[o.name]
+        if m.any():
+            out.add(s.name.lower())
+    return out
+
+
+def virtual_planner(case: Case, goals: Any, setup: Optional[PlanSetup] = None,
+                    objectives: Optional[Sequence[Objective | dict[str, Any]]] = None,
+                    prescriptions: Optional[Sequence[Prescription]] = None, max_rounds: int = 6,
+                    round_iter: Optional[int] = None, time_budget_s: Optional[float] = None,
+                    label: str = "TwinRT AI", progress: Optional[ProgressCallback] = None,
+                    cancel: Optional[CancelToken] = None) -> AgentResult:
+    """Plan ``case`` for clinical ``goals``: optimise, evaluate, adjust the objectives, repeat.
+
+    :param case: CT (HU) with structures and prescriptions.
+    :param goals: a list of :class:`~twinrt.planning.goals.Goal` or a goal set (anything with ``.goals``).
+    :param setup: beams and parameters (``max_iter`` is the first round's iterations).
+    :param objectives: starting objectives; default :func:`~twinrt.planning.workflow.default_objectives`.
+    :param prescriptions: default the case's prescriptions.
+    :param max_rounds: most optimisation rounds (>= 1).
+    :param round_iter: iterations of each warm-started round after the first; default
+        ``max(20, setup.max_iter // 2)`` (a warm start needs fewer).
+    :param time_budget_s: stop before a round that would end after this many seconds from the start.
+    :param label: RT plan label.
+    :param progress: ``progress(fraction, text)``.
+    :param cancel: cancel token (raises :class:`twinrt.progress.CancelledError`).
+    :raises InvalidInputError: no goals, ``max_rounds < 1``, or what :func:`~twinrt.planning.workflow.plan_case` raises.
+    """
+    t_start = time.perf_counter()
+    goal_list = _goal_list(goals)
+    if int(max_rounds) < 1:
+        raise InvalidInputError(f"max_rounds must be >= 1, got {max_rounds!r}")
+    setup = setup or PlanSetup()
+    later_iter = int(round_iter) if round_iter else max(20, setup.max_iter // 2)
+
+    def sub(lo: float, hi: float) -> Optional[ProgressCallback]:
+        return None if progress is None else (lambda f, text: progress(lo + (hi - lo) * f, text))
+
+    report(progress, 0.0, "Preparing the dose-influence matrix", cancel)
+    problem = prepare_problem(case, setup, prescriptions, sub(0.0, 0.3), cancel)
+    objs = [dict(o) if isinstance(o, dict) else o.to_dict()
+            for o in (objectives or default_objectives(case, problem.prescriptions))]
+    optimizable = _optimizable(problem)
+    owned: dict[int, _Owned] = {}
+    trace: list[dict[str, Any]] = [{"step": "prepare", "seconds": round(time.perf_counter() - t_start, 3),
+                                    "dij_nnz": int(problem.dij_stats.get("nnz", 0)),
+                                    "goals": [g.describe() for g in goal_list]}]
+    rounds: list[dict[str, Any]] = []  # per round: objectives, opt, results, score
+    weights = None
+    edits: list[Edit] = []
+    stop_reason = ""
+    span = 0.65 / int(max_rounds)
+    for rnd in range(1, int(max_rounds) + 1):
+        t0 = time.perf_counter()
+        lo = 0.3 + (rnd - 1) * span
+        report(progress, lo, f"Round {rnd}: optimising", cancel)
+        opt = optimize_problem(problem, objs, initial_weights=weights,
+                               max_iter=setup.max_iter if rnd == 1 else later_iter,
+                               progress=sub(lo, lo + 0.9 * span), cancel=cancel)
+        weights = opt.weights
+        dose = Dose(opt.dose_gy, problem.dose_grid, name="optimized")
+        report(progress, lo + 0.9 * span, f"Round {rnd}: checking the goals", cancel)
+        results = evaluate_goals(case, dose, goal_list)
+        score, must_ok, n_must = score_of(results)
+        improved = False
+        if rounds:
+            for prev, now in zip(rounds[-1]["results"], results):
+                if now.goal.priority != "must" and prev.passed is False and now.margin is not None:
+                    tol = max(IMPROVEMENT_TOL * _limit_scale(now.goal), 0.01)
+                    improved |= bool(now.passed) or now.margin > prev.margin + tol
+        rounds.append({"objectives": [dict(o) for o in objs], "opt": opt, "results": results, "score": score,
+                       "must_ok": must_ok, "n_must": n_must})
+        seconds = time.perf_counter() - t0
+        trace.append({"step": "round", "round": rnd, "edits": [e.to_dict() for e in edits],
+                      "iterations": int(opt.iterations), "objective": _round(opt.total_objective),
+                      "goals": [_result_dict(r) for r in results], "score": _round(score), "must_passed": must_ok,
+                      "seconds": round(seconds, 3)})
+        if all(r.passed is not False for r in results):
+            stop_reason = "every goal is met"
+            break
+        if must_ok and rnd > 1 and not improved:
+            stop_reason = "every must-goal is met and no other goal improved in the last round"
+            break
+        if rnd == int(max_rounds):
+            stop_reason = f"reached the limit of {max_rounds} round(s)"
+            break
+        elapsed = time.perf_counter() - t_start
+        if time_budget_s is not None and elapsed + seconds > time_budget_s:
+            stop_reason = f"the next round would exceed the time budget of {time_budget_s:g} s"
+            break
+        edits = propose_edits(case, results, objs, owned, optimizable)
+        if not edits:
+            stop_reason = "no rule applies to the goals that fail"
+            break
+        objs = apply_edits(objs, edits)
+
+    best = max(range(len(rounds)), key=lambda i: (rounds[i]["n_must"], rounds[i]["score"], -i))
+    chosen = rounds[best]
+    t0 = time.perf_counter()
+    timings = dict(problem.timings_s)
+    timings["optimization_s"] = sum(float(r["opt"].time_s) for r in rounds)
+    planning = sequence_result(problem, chosen["opt"], chosen["objectives"], label, timings, sub(0.95, 1.0), cancel)
+    final = evaluate_goals(case, planning.dose, goal_list)
+    score, must_ok, _ = score_of(final)
+    conflicts = find_conflicts(case, final, chosen["results"], len(rounds))
+    trace.append({"step": "sequenced", "round": best + 1, "goals": [_result_dict(r) for r in final],
+                  "score": _round(score), "must_passed": must_ok, "stop_reason": stop_reason,
+                  "conflicts": [c["text"] for c in conflicts], "seconds": round(time.perf_counter() - t0, 3)})
+    return AgentResult(planning, chosen["objectives"], goal_list, final, chosen["results"], score, must_ok, trace,
+                       conflicts, best + 1, len(rounds), stop_reason, time.perf_counter() - t_start)
