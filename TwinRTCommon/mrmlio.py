@@ -21,6 +21,11 @@ What :func:`caseToScene` writes (attribute names are copied from SlicerRT, see t
   the columns), one SlicerRT-style DVH table per structure (``DoseVolumeHistogram.DVH = "1"``,
   columns ``Dose`` in Gy and ``Volume`` in %) and a ``vtkMRMLPlotChartNode`` with one
   ``vtkMRMLPlotSeriesNode`` per structure;
+* the case's **audit log** (``case.metadata["audit_log"]``, :mod:`twinrt.audit`) as the study item
+  attribute ``TwinRT.AuditLog``, one JSON line per entry (hash chain included), and *not* inside
+  ``TwinRT.CaseMetadata``: its own attribute lets a module append an entry
+  (:func:`setStudyAuditLog`) without re-encoding the case metadata, and keeps it readable in the
+  .mrml file. :func:`sceneToCase` puts it back in ``metadata["audit_log"]``;
 * ``TwinRT.ResearchUseOnly`` and provenance attributes (``TwinRT.Version``, ``TwinRT.CreatedBy``,
   ``TwinRT.Role``...) on every node it creates.
 
@@ -47,6 +52,8 @@ import vtk
 from vtk.util import numpy_support
 
 import twinrt
+from twinrt.audit import METADATA_KEY as AUDIT_METADATA_KEY
+from twinrt.audit import AuditLog, AuditLogError
 from twinrt.errors import (DoseError, GeometryError, InvalidInputError, MissingInputError,
                            StructureError, TwinRTError)
 from twinrt.geometry import Grid
@@ -94,6 +101,8 @@ ROLE_ATTRIBUTE = "TwinRT.Role"
 PATIENT_ID_ATTRIBUTE = "TwinRT.PatientID"
 CASE_METADATA_ATTRIBUTE = "TwinRT.CaseMetadata"
 PLANS_ATTRIBUTE = "TwinRT.Plans"
+#: The case's audit log on the study item: JSON lines, one entry each (twinrt.audit.AuditLog.to_jsonl).
+AUDIT_LOG_ATTRIBUTE = "TwinRT.AuditLog"
 MODALITY_ATTRIBUTE = "TwinRT.Modality"
 DOSE_NAME_ATTRIBUTE = "TwinRT.DoseName"
 DOSE_TYPE_ATTRIBUTE = "TwinRT.DoseType"
@@ -363,8 +372,11 @@ def _caseToScene(case: Case, scene, doseName, computeDvh, progress) -> dict[str,
         sh.SetItemAttribute(studyItem, constants.GetDICOMStudyInstanceUIDAttributeName(), str(studyUid))
         sh.SetItemUID(studyItem, constants.GetDICOMUIDName(), str(studyUid))
     # Case metadata rides on the study as JSON so that sceneToCase can give it back after a reload.
-    metadataText, skipped = _encodeMetadata(case.metadata)
+    # The audit log gets its own attribute (see the module docstring), so it is left out here.
+    metadataText, skipped = _encodeMetadata({k: v for k, v in case.metadata.items() if k != AUDIT_METADATA_KEY})
     sh.SetItemAttribute(studyItem, CASE_METADATA_ATTRIBUTE, metadataText)
+    if case.metadata.get(AUDIT_METADATA_KEY):
+        sh.SetItemAttribute(studyItem, AUDIT_LOG_ATTRIBUTE, AuditLog(case.metadata[AUDIT_METADATA_KEY]).to_jsonl())
     sh.SetItemAttribute(studyItem, RESEARCH_USE_ATTRIBUTE, twinrt.RESEARCH_USE_ONLY)
     sh.SetItemAttribute(studyItem, VERSION_ATTRIBUTE, twinrt.__version__)
     if skipped:
@@ -795,6 +807,9 @@ def sceneToCase(scene=None, ctVolumeNode=None, segmentationNode=None) -> Case:
     metadata, patientId, plans = {}, "", []
     if studyItem:
         metadata = _decodeMetadata(sh.GetItemAttribute(studyItem, CASE_METADATA_ATTRIBUTE))
+        auditLog = _readAuditLog(sh, studyItem)
+        if len(auditLog):
+            metadata[AUDIT_METADATA_KEY] = auditLog.entries
         plansText = sh.GetItemAttribute(studyItem, PLANS_ATTRIBUTE)
         if plansText:
             plans = [planFromDict(p) for p in json.loads(plansText)]
@@ -808,6 +823,44 @@ def sceneToCase(scene=None, ctVolumeNode=None, segmentationNode=None) -> Case:
             patientId = patientId or sh.GetItemName(patientItem)
     patientId = patientId or ct.GetAttribute(PATIENT_ID_ATTRIBUTE) or "anonymous"
     return Case(patientId, image, structures, doses, plans, metadata)
+
+
+def _readAuditLog(sh, studyItem: int) -> AuditLog:
+    """The study's audit log, unverified; a broken hash chain is logged, not raised, so that the
+    case (and the evidence of tampering) still loads; appending to it is then refused."""
+    text = sh.GetItemAttribute(studyItem, AUDIT_LOG_ATTRIBUTE) or ""
+    auditLog = AuditLog.from_jsonl(text, verify=False)
+    try:
+        auditLog.verify()
+    except AuditLogError as exc:
+        logging.warning("The audit log of study '%s' fails verification: %s", sh.GetItemName(studyItem), exc)
+    return auditLog
+
+
+def studyAuditLog(studyItem: int, scene=None) -> AuditLog:
+    """The audit log stored on a study item (empty when none); append to it, then :func:`setStudyAuditLog`.
+
+    :param studyItem: subject-hierarchy study item (e.g. :func:`studyItemOf` of a node).
+    :param scene: the MRML scene; default ``slicer.mrmlScene``.
+    """
+    sh = (scene or slicer.mrmlScene).GetSubjectHierarchyNode()
+    return _readAuditLog(sh, studyItem)
+
+
+def setStudyAuditLog(studyItem: int, auditLog: AuditLog, scene=None) -> None:
+    """Store ``auditLog`` on the study item; it must extend what is stored (append-only).
+
+    :param studyItem: subject-hierarchy study item.
+    :param auditLog: the log (verified here).
+    :param scene: the MRML scene; default ``slicer.mrmlScene``.
+    :raises AuditLogError: the log is damaged or would drop entries already in the scene.
+    """
+    sh = (scene or slicer.mrmlScene).GetSubjectHierarchyNode()
+    auditLog.verify()
+    if not auditLog.extends(_readAuditLog(sh, studyItem)):
+        raise AuditLogError("The scene's audit log has entries this log does not; read it with studyAuditLog, "
+                            "append, and store it again")
+    sh.SetItemAttribute(studyItem, AUDIT_LOG_ATTRIBUTE, auditLog.to_jsonl())
 
 
 def _doseScale(unit: str) -> float:
@@ -844,8 +897,11 @@ def planFromDict(data: dict) -> Plan:
     # Sequenced beams (a "beam" geometry plus "segments") come back as PlanBeam; open-field dicts stay dicts.
     beams = [PlanBeam.from_dict(b) if isinstance(b, dict) and "segments" in b and "beam" in b else b
              for b in data.get("beams", [])]
-    return Plan(data.get("label", "TwinRT"), prescriptions, beams,
-                data.get("approval", "UNAPPROVED"), data.get("radiation_type", "PHOTON"))
+    # ``approval`` is derived from the review fields (twinrt.model.approval_status); dicts written
+    # before review fields existed come back as drafts.
+    return Plan(data.get("label", "TwinRT"), prescriptions, beams, data.get("approval", "UNAPPROVED"),
+                data.get("radiation_type", "PHOTON"), data.get("state", "draft"), data.get("reviewer_name", ""),
+                data.get("review_datetime", ""), data.get("review_comment", ""))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -922,4 +978,4 @@ def importCaseFolder(folder: str | os.PathLike, scene=None, **kwargs) -> tuple[C
 __all__ = ["caseToScene", "sceneToCase", "saveSceneMrb", "loadSceneMrb", "importCaseFolder", "fillTable",
            "tableToRows", "nodeIds", "volumeGrid", "segmentMask", "findCtVolume", "findSegmentation",
            "isDoseVolumeNode", "metricUnit", "sceneTransaction", "addDoseVolume", "addDvh", "studyItemOf",
-           "planToDict", "planFromDict", "tagNode", "TwinRTError"]
+           "planToDict", "planFromDict", "tagNode", "studyAuditLog", "setStudyAuditLog", "TwinRTError"]
