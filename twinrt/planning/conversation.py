@@ -476,12 +476,7 @@ def _candidates(m: _Mention, infos: list[_StructInfo]) -> list[str]:
         # "ptv" matches "ptv 56", "ptv 63" ...; "cord" matches "spinal cord prv" only as a prefix.
         exact = [s for s in infos if any(s.concept.startswith(c + " ") for c in concepts)
                  and (m.side is None or s.side == m.side)]
-    if m.side is None and not m.plural and len(exact) > 1:
-        # The one structure without a side ("Lungs" beside Lung_L and Lung_R) is the literal match.
-        unsided = [s for s in exact if s.side is None and s.concept in concepts]
-        if len(unsided) == 1:
-            return [unsided[0].name]
-    return [s.name for s in exact]
+    return sorted(s.name for s in exact)  # sorted: the question reads the same whatever the case's order
 
 
 def _close_names(word: str, names: Sequence[str]) -> list[str]:
@@ -610,11 +605,12 @@ def parse_feedback(text: str, structures: Iterable[Any], evaluation: Any = None)
     s = " ".join(t for t in out_tokens if t)
     structs = list(dict.fromkeys(name for _, name in resolved))
 
+    # "can you spare the oral cavity?" is a request in question form: take the polite prefix off first.
     body = re.sub(_POLITE_PREFIX, "", s)
-    is_question = _has(_QUESTION_START, body) and not _has(r"^(?:explain|tell me|show me)\b.*\b(?:to|and) (?:lower|reduce|"
-                                                          r"raise|spare|keep)\b", body)
-    if not is_question and s.endswith("?") and body == s and not _has(_SPARE + "|" + _LESS + "|" + _MORE + r"|\bkeep\b",
-                                                                       s):
+    requested = _has(_SPARE + "|" + _LESS + "|" + _MORE + r"|\bkeep\b", s)
+    is_question = _has(_QUESTION_START, body) and not (
+        _has(r"^(?:explain|tell me|show me)\b", body) and requested and not _has(r"\bwhy\b|\bhow\b", body))
+    if not is_question and s.endswith("?") and body == s and not requested:
         is_question = True
     if is_question:
         return _question(raw, s, structs)
@@ -732,22 +728,27 @@ def _delivery(raw: str, s: str, aspects: list[str]) -> Interpretation:
 def _existing_goals(evaluation: Any, structure: str) -> list[Goal]:
     results = getattr(evaluation, "results", None) or []
     return [r.goal for r in results if getattr(r, "goal", None) is not None
-            and r.goal.structure.lower() == structure.lower()]
+            and structure.lower() in _result_structure(r)]
 
 
 def _goal_edit(raw: str, s: str, structure: str, metrics: list[str], evaluation: Any) -> Interpretation:
     """The goal-edit branch: metric, comparator, value and unit from the masked sentence ``s``."""
     # A metric word ("mean", "max") unless it is "max 20 Gy" used as a comparator after another metric.
-    words_metric: list[tuple[str, int]] = []
+    words_metric: list[tuple[str, int, bool]] = []
     for pattern, name in _METRIC_WORDS:
         for m in re.finditer(pattern, s):
             follows_number = re.match(r" (?:of )?\d", s[m.end():]) is not None
-            if name in ("Dmax", "Dmin") and m.group(0) in ("max", "maximum", "min", "minimum") and follows_number:
-                continue  # "mean max 20 Gy": a comparator, handled below
-            words_metric.append((name, m.start()))
-    all_metrics = list(dict.fromkeys(metrics + [n for n, _ in sorted(words_metric, key=lambda x: x[1])]))
-    le_extra = re.search(r"\b(?:max|maximum)(?: of)? \d", s) is not None
-    ge_extra = re.search(r"\b(?:min|minimum)(?: of)? \d", s) is not None
+            as_comparator = name in ("Dmax", "Dmin") and m.group(0) in ("max", "maximum", "min", "minimum") \
+                and follows_number
+            words_metric.append((name, m.start(), as_comparator))
+    # "mean max 20 Gy": "max" before a number is a comparator when another metric is named, else the metric.
+    others = metrics + [n for n, _, c in words_metric if not c]
+    le_extra = ge_extra = False
+    if others:
+        le_extra = any(c and n == "Dmax" for n, _, c in words_metric)
+        ge_extra = any(c and n == "Dmin" for n, _, c in words_metric)
+        words_metric = [w for w in words_metric if not w[2]]
+    all_metrics = list(dict.fromkeys(metrics + [n for n, _, _ in sorted(words_metric, key=lambda x: x[1])]))
     le = _has(_LE_WORDS, s) or le_extra
     ge = (_has(_GE_WORDS, s) and not _has(r"\bno more than\b|\bnot more than\b", s)) or ge_extra
     values = [v for v in _values(s)]
@@ -785,13 +786,13 @@ def _goal_edit(raw: str, s: str, structure: str, metrics: list[str], evaluation:
         action = "tighten" if (wants_lower == (comparator == "<=")) else "relax"
         return GoalEdit(raw, structure, metric, comparator, None, parsed.unit, priority, action)
 
-    if len(values) > 1:
-        opts = tuple(f"{v:g} {u or ''}".strip() for v, u, _ in values)
-        return Clarification(raw, f"Which value for {structure} {metric}: {' or '.join(opts)}?", "conflict", opts)
     value, unit, _ = values[0]
     if le and ge:
         return Clarification(raw, f"Should {structure} {metric} be at most or at least {value:g}?", "conflict",
                              ("at most", "at least"))
+    if len(values) > 1:
+        opts = tuple(dict.fromkeys(f"{v:g} {u or ''}".strip() for v, u, _ in values))
+        return Clarification(raw, f"Which value for {structure} {metric}: {' or '.join(opts)}?", "conflict", opts)
     comparator = "<=" if le else ">=" if ge else None
     if comparator is None and parsed.kind == "dose_at_percent" and _has(r"\bcoverage\b|\bcover", s):
         comparator = ">="  # "95% coverage with 60 Gy" states a lower limit by definition of coverage
@@ -828,17 +829,19 @@ def _goal_edit(raw: str, s: str, structure: str, metrics: list[str], evaluation:
 # ---------------------------------------------------------------------------------------------
 # Answers
 
-def _total_mu(evaluation: Any) -> Optional[float]:
-    for attr in ("total_mu", "mu_total", "monitor_units"):
-        v = getattr(evaluation, attr, None)
-        if isinstance(v, (int, float)):
-            return float(v)
+def _deliverability(evaluation: Any) -> dict[str, Any]:
+    """Deliverability figures of a :class:`~twinrt.planning.evaluation.PlanEvaluation` (``{}`` if none)."""
     deliv = getattr(evaluation, "deliverability", None)
-    if isinstance(deliv, dict):
-        for key in ("total_mu", "mu"):
-            if isinstance(deliv.get(key), (int, float)):
-                return float(deliv[key])
-    return None
+    return deliv if isinstance(deliv, dict) else {}
+
+
+def _result_structure(result: GoalResult) -> set[str]:
+    """Names a goal result answers to: the goal's structure and the case structure it was resolved to."""
+    names = {result.goal.structure.lower()}
+    extra = getattr(result, "extra", None) or {}
+    if extra.get("case_structure"):
+        names.add(str(extra["case_structure"]).lower())
+    return names
 
 
 def answer(interpretation: Interpretation, evaluation: Any = None) -> str:
@@ -855,10 +858,18 @@ def answer(interpretation: Interpretation, evaluation: Any = None) -> str:
         return "There is no plan evaluation yet: compute a plan first, then ask again."
     results: list[GoalResult] = list(getattr(evaluation, "results", None) or [])
     if interpretation.topic == "mu":
-        mu = _total_mu(evaluation)
-        if mu is None:
-            return "The evaluation does not report monitor units for this plan."
-        return f"The plan needs {mu:.0f} MU in total."
+        deliv = _deliverability(evaluation)
+        if not isinstance(deliv.get("total_mu"), (int, float)):
+            return "The evaluation does not report monitor units for this plan (no sequenced plan was evaluated)."
+        text = f"The plan needs {deliv['total_mu']:.0f} MU per fraction"
+        if isinstance(deliv.get("n_segments"), int):
+            text += f" in {deliv['n_segments']} segments"
+        if isinstance(deliv.get("n_beams"), int):
+            text += f" over {deliv['n_beams']} beams"
+        text += "."
+        if isinstance(deliv.get("delivery_time_s"), (int, float)):
+            text += f" Estimated delivery time {deliv['delivery_time_s'] / 60:.1f} min."
+        return text
     if interpretation.topic in ("failed", "goals"):
         chosen = [r for r in results if r.passed is False] if interpretation.topic == "failed" else results
         if not chosen:
@@ -866,7 +877,7 @@ def answer(interpretation: Interpretation, evaluation: Any = None) -> str:
                 "The evaluation has no goals."
         return " ".join(r.explanation or r.goal.describe() for r in chosen)
     name = interpretation.structure or ""
-    mine = [r for r in results if r.goal.structure.lower() == name.lower()]
+    mine = [r for r in results if name.lower() in _result_structure(r)]
     if not mine:
         return (f"There is no goal for {name} in this plan's goal set, so the optimiser was not asked to limit "
                 f"its dose. Add one, e.g. '{name} Dmax <= 45 Gy', to have it spared.")
@@ -915,3 +926,51 @@ def interpretation_from_dict(data: dict[str, Any], structures: Iterable[Any], te
     except (TypeError, ValueError) as exc:
         return Clarification(text, f"The interpretation was not valid ({exc}); please rephrase.", "not_understood")
     return result
+
+
+#: Weight multiplier for "more" (and 1 / it for "less") when feedback names no number: one doubling
+#: is a visible but reversible step; the user can repeat the request to go further.
+FEEDBACK_FACTOR = 2.0
+
+
+def to_edits(interpretation: Interpretation) -> list[Any]:
+    """The agent's :class:`~twinrt.planning.agent.Edit` objects for a confirmed interpretation.
+
+    Mapping (objective edits go through :func:`~twinrt.planning.agent.apply_edits`, goal edits
+    through :func:`~twinrt.planning.agent.apply_goal_edits`):
+
+    * :class:`GoalEdit` with a value: ``add_goal`` (preceded by ``remove_goal`` of the same
+      structure and metric when it tightens or relaxes an existing goal);
+      without a value: ``scale_weight`` ×:data:`FEEDBACK_FACTOR` (tighten) or ÷ (relax) on the structure.
+    * :class:`TradeOff`: ``scale_weight`` ×factor on ``favour``, ÷factor on ``accept``.
+    * :class:`CoverageRequest`: ``scale_weight`` ×factor (increase) or ÷factor (decrease) on the target.
+    * :class:`DeliveryRequest`, :class:`Question`, :class:`Clarification`: no edit (``[]``);
+      delivery requests change the plan set-up (smoothing, segment count), not the objectives.
+
+    :param interpretation: a result of :func:`parse_feedback` the user confirmed.
+    :return: list of ``Edit``.
+    """
+    # Imported here: the agent pulls in the optimiser, which the parser itself does not need.
+    from twinrt.planning.agent import Edit
+
+    reason = f"user feedback: {interpretation.text}" if interpretation.text else "user feedback"
+    if isinstance(interpretation, GoalEdit):
+        if interpretation.value is None:
+            f = FEEDBACK_FACTOR if interpretation.action == "tighten" else 1.0 / FEEDBACK_FACTOR
+            return [Edit("scale_weight", interpretation.structure, factor=f, reason=reason)]
+        edits = []
+        if interpretation.action in ("tighten", "relax"):
+            edits.append(Edit("remove_goal", interpretation.structure, metric=interpretation.metric, reason=reason))
+        edits.append(Edit("add_goal", interpretation.structure, metric=interpretation.metric,
+                          value=interpretation.value, comparator=interpretation.comparator or "",
+                          priority=interpretation.priority, reason=reason))
+        return edits
+    if isinstance(interpretation, TradeOff):
+        edits = [Edit("scale_weight", interpretation.favour, factor=FEEDBACK_FACTOR, reason=reason)]
+        if interpretation.accept is not None:
+            edits.append(Edit("scale_weight", interpretation.accept, factor=1.0 / FEEDBACK_FACTOR, reason=reason))
+        return edits
+    if isinstance(interpretation, CoverageRequest):
+        f = FEEDBACK_FACTOR if interpretation.direction == "increase" else 1.0 / FEEDBACK_FACTOR
+        return [Edit("scale_weight", interpretation.structure, factor=f, reason=reason)]
+    return []
