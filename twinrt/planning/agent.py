@@ -35,14 +35,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Optional, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
 from twinrt.errors import InvalidInputError
 from twinrt.model import Case, Dose, Prescription, Structure, StructureType
-from twinrt.planning.goals import PRIORITIES, Goal, GoalResult, evaluate_goal
+from twinrt.planning.goals import PRIORITIES, Goal, GoalResult
 from twinrt.planning.objectives import Objective, objective_from_dict
 from twinrt.planning.workflow import (PlanningProblem, PlanningResult, PlanSetup, default_objectives,
                                       optimize_problem, prepare_problem, sequence_result)
@@ -69,8 +69,6 @@ RELAX_FLOOR = 0.25
 IMPROVEMENT_TOL = 0.002
 #: Organs within this distance (mm) of a target count as pulling against its coverage.
 NEIGHBOUR_MM = 10.0
-#: Score weight of a met goal by priority (the score is the weighted share of goals met).
-SCORE_WEIGHT = {"must": 3.0, "should": 2.0, "nice": 1.0}
 _DVH_KINDS = ("max_dvh", "min_dvh")
 
 
@@ -208,7 +206,7 @@ class AgentResult:
     :param objectives: the objective dicts of the delivered round.
     :param goals: the goals planned for.
     :param results: goal results on the sequenced dose; ``optimized_results``: on the ideal fluence.
-    :param score: weighted share of goals met on the sequenced dose (0..1);
+    :param score: :func:`twinrt.planning.evaluation.plan_score` of the sequenced dose;
         ``must_passed``: every evaluable must-goal met there.
     :param trace: one dict per round, then one for the sequenced plan (JSON-serialisable).
     :param conflicts: one dict per must-goal still failing: ``goal``, ``opposing`` (goal
@@ -246,39 +244,49 @@ class AgentResult:
 
 
 # ---------------------------------------------------------------------------------------- evaluation
-def _find(case: Case, name: str) -> Optional[Structure]:
-    for s in case.structures:
-        if s.name.lower() == name.lower() and not s.is_empty:
-            return s
-    return None
+def _goal_set(goals: Any) -> Any:
+    """A :class:`twinrt.planning.evaluation.GoalSet` for ``goals`` (a goal set, or a plain list of goals).
 
-
-def evaluate_goals(case: Case, dose: Dose, goals: Sequence[Goal]) -> list[GoalResult]:
-    """Each goal on ``dose`` (DVH on the structure's grid; absent structures give ``passed=None``).
-
-    Used until :mod:`twinrt.planning.evaluation` is available, and for plain goal lists.
+    A plain list becomes a set in which every structure is optional, so that goals on structures
+    the case lacks are reported as not evaluable instead of refusing the case.
     """
-    from twinrt import dvh
+    from twinrt.planning.evaluation import GoalSet
 
-    cache: dict[str, Any] = {}
-    out = []
-    for g in goals:
-        s = _find(case, g.structure)
-        if s is None:
-            out.append(evaluate_goal(g, None))
-            continue
-        if s.name not in cache:
-            cache[s.name] = dvh.structure_dvh(dose, s)
-        out.append(evaluate_goal(g, cache[s.name]))
-    return out
+    if isinstance(goals, GoalSet):
+        return goals
+    items = list(goals.goals) if hasattr(goals, "goals") else list(goals)
+    for g in items:
+        if not isinstance(g, Goal):
+            raise InvalidInputError(f"Goals must be Goal instances (or a goal set), got {g!r}")
+    if not items:
+        raise InvalidInputError("No goals given: the virtual planner needs clinical goals to plan for")
+    return GoalSet("goals", items, optional_structures=list(dict.fromkeys(g.structure for g in items)))
 
 
-def score_of(results: Sequence[GoalResult]) -> tuple[float, bool, int]:
-    """(weighted share of evaluable goals met, all must-goals met, number of must-goals met)."""
-    total = sum(SCORE_WEIGHT[r.goal.priority] for r in results if r.passed is not None)
-    met = sum(SCORE_WEIGHT[r.goal.priority] for r in results if r.passed)
-    musts = [r for r in results if r.goal.priority == "must" and r.passed is not None]
-    return (met / total if total else 1.0), all(r.passed for r in musts), sum(bool(r.passed) for r in musts)
+class _Lookup:
+    """Goal structure name → the case's structure (aliases of the goal set honoured; ``None``: absent)."""
+
+    def __init__(self, case: Case, goal_set: Any) -> None:
+        self._map = {k.lower(): v for k, v in goal_set.resolve(case).items()}
+
+    def __call__(self, name: str) -> Optional[Structure]:
+        s = self._map.get(name.lower())
+        return None if s is None or s.is_empty else s
+
+
+def evaluate_goals(case: Case, dose: Dose, goals: Any) -> tuple[list[GoalResult], float, bool]:
+    """Goal results, score and must-passed of ``dose`` (:func:`twinrt.planning.evaluation.evaluate_plan`).
+
+    :param goals: a goal set or a list of goals (see :func:`_goal_set`).
+    """
+    from twinrt.planning.evaluation import evaluate_plan
+
+    ev = evaluate_plan(case, dose, _goal_set(goals))
+    return ev.results, float(ev.score), bool(ev.must_passed)
+
+
+def _musts_met(results: Sequence[GoalResult]) -> int:
+    return sum(bool(r.passed) for r in results if r.goal.priority == "must")
 
 
 def _round(x: Optional[float]) -> Optional[float]:
@@ -352,11 +360,11 @@ def _limit_scale(goal: Goal) -> float:
     return max(abs(goal.value), 1.0)
 
 
-def propose_edits(case: Case, results: Sequence[GoalResult], objectives: Sequence[dict[str, Any]],
-                  owned: dict[int, _Owned], optimizable: set[str]) -> list[Edit]:
+def propose_edits(lookup: Callable[[str], Optional[Structure]], results: Sequence[GoalResult],
+                  objectives: Sequence[dict[str, Any]], owned: dict[int, _Owned], optimizable: set[str]) -> list[Edit]:
     """The rule-based policy: objective edits for one round's goal results (rules: module docstring).
 
-    :param case: the case (structure types and volumes).
+    :param lookup: goal structure name → the case's structure (``None`` when absent).
     :param results: goal results of the round, in goal order.
     :param objectives: the objectives of the round.
     :param owned: goal index → the objective the agent made for it (updated in place for new ones).
@@ -370,7 +378,7 @@ def propose_edits(case: Case, results: Sequence[GoalResult], objectives: Sequenc
     for i in order:
         r = results[i]
         g = r.goal
-        s = _find(case, g.structure)
+        s = lookup(g.structure)
         if r.passed is None or s is None or s.name.lower() not in optimizable:
             continue
         is_target = s.type == StructureType.TARGET
@@ -470,7 +478,7 @@ def _gap_mm(a: Structure, b: Structure) -> tuple[float, float]:
     return 0.0, float(dist[mb[sl]].min())
 
 
-def find_conflicts(case: Case, results: Sequence[GoalResult], optimized: Sequence[GoalResult],
+def find_conflicts(lookup: Callable[[str], Optional[Structure]], results: Sequence[GoalResult], optimized: Sequence[GoalResult],
                    rounds: int) -> list[dict[str, Any]]:
     """Explain every must-goal that fails on the delivered dose.
 
@@ -483,12 +491,12 @@ def find_conflicts(case: Case, results: Sequence[GoalResult], optimized: Sequenc
         g = r.goal
         if g.priority != "must" or r.passed is not False:
             continue
-        s = _find(case, g.structure)
+        s = lookup(g.structure)
         opposing = []
         for h in (x.goal for x in results):
-            if h is g or h.comparator == g.comparator or _find(case, h.structure) is None:
+            t = lookup(h.structure)
+            if h is g or h.comparator == g.comparator or s is None or t is None:
                 continue
-            t = _find(case, h.structure)
             if t.name == s.name:
                 opposing.append((0, 0.0, h, f"both are on {s.name}"))
                 continue
@@ -515,16 +523,6 @@ def find_conflicts(case: Case, results: Sequence[GoalResult], optimized: Sequenc
 
 
 # ---------------------------------------------------------------------------------------- the planner
-def _goal_list(goals: Any) -> list[Goal]:
-    items = list(goals.goals) if hasattr(goals, "goals") else list(goals)
-    for g in items:
-        if not isinstance(g, Goal):
-            raise InvalidInputError(f"Goals must be Goal instances (or a goal set), got {g!r}")
-    if not items:
-        raise InvalidInputError("No goals given: the virtual planner needs clinical goals to plan for")
-    return items
-
-
 def _optimizable(problem: PlanningProblem) -> set[str]:
     """Lower-case names of structures with voxels left after the optimiser's overlap rule."""
     from twinrt.planning.optimizer import OVERLAP_PRIORITY
@@ -550,7 +548,8 @@ def virtual_planner(case: Case, goals: Any, setup: Optional[PlanSetup] = None,
     """Plan ``case`` for clinical ``goals``: optimise, evaluate, adjust the objectives, repeat.
 
     :param case: CT (HU) with structures and prescriptions.
-    :param goals: a list of :class:`~twinrt.planning.goals.Goal` or a goal set (anything with ``.goals``).
+    :param goals: a :class:`~twinrt.planning.evaluation.GoalSet` (its aliases name the case's
+        structures) or a list of :class:`~twinrt.planning.goals.Goal`.
     :param setup: beams and parameters (``max_iter`` is the first round's iterations).
     :param objectives: starting objectives; default :func:`~twinrt.planning.workflow.default_objectives`.
     :param prescriptions: default the case's prescriptions.
@@ -564,7 +563,9 @@ def virtual_planner(case: Case, goals: Any, setup: Optional[PlanSetup] = None,
     :raises InvalidInputError: no goals, ``max_rounds < 1``, or what :func:`~twinrt.planning.workflow.plan_case` raises.
     """
     t_start = time.perf_counter()
-    goal_list = _goal_list(goals)
+    goal_set = _goal_set(goals)
+    goal_list = list(goal_set.goals)
+    lookup = _Lookup(case, goal_set)
     if int(max_rounds) < 1:
         raise InvalidInputError(f"max_rounds must be >= 1, got {max_rounds!r}")
     setup = setup or PlanSetup()
@@ -597,8 +598,8 @@ def virtual_planner(case: Case, goals: Any, setup: Optional[PlanSetup] = None,
         weights = opt.weights
         dose = Dose(opt.dose_gy, problem.dose_grid, name="optimized")
         report(progress, lo + 0.9 * span, f"Round {rnd}: checking the goals", cancel)
-        results = evaluate_goals(case, dose, goal_list)
-        score, must_ok, n_must = score_of(results)
+        results, score, must_ok = evaluate_goals(case, dose, goal_set)
+        n_must = _musts_met(results)
         improved = False
         if rounds:
             for prev, now in zip(rounds[-1]["results"], results):
@@ -625,7 +626,7 @@ def virtual_planner(case: Case, goals: Any, setup: Optional[PlanSetup] = None,
         if time_budget_s is not None and elapsed + seconds > time_budget_s:
             stop_reason = f"the next round would exceed the time budget of {time_budget_s:g} s"
             break
-        edits = propose_edits(case, results, objs, owned, optimizable)
+        edits = propose_edits(lookup, results, objs, owned, optimizable)
         if not edits:
             stop_reason = "no rule applies to the goals that fail"
             break
@@ -637,9 +638,8 @@ def virtual_planner(case: Case, goals: Any, setup: Optional[PlanSetup] = None,
     timings = dict(problem.timings_s)
     timings["optimization_s"] = sum(float(r["opt"].time_s) for r in rounds)
     planning = sequence_result(problem, chosen["opt"], chosen["objectives"], label, timings, sub(0.95, 1.0), cancel)
-    final = evaluate_goals(case, planning.dose, goal_list)
-    score, must_ok, _ = score_of(final)
-    conflicts = find_conflicts(case, final, chosen["results"], len(rounds))
+    final, score, must_ok = evaluate_goals(case, planning.dose, goal_set)
+    conflicts = find_conflicts(lookup, final, chosen["results"], len(rounds))
     trace.append({"step": "sequenced", "round": best + 1, "goals": [_result_dict(r) for r in final],
                   "score": _round(score), "must_passed": must_ok, "stop_reason": stop_reason,
                   "conflicts": [c["text"] for c in conflicts], "seconds": round(time.perf_counter() - t0, 3)})
