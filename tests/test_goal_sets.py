@@ -101,13 +101,15 @@ def test_shipped_names_and_head_and_neck_content():
 def _write(tmp_path: Path, goals: list[str], name="bad_goals.json") -> Path:
     head = ['{', '  "name": "test", "version": 1, "site": "test",', '  "prescriptions": [],',
             '  "sources": {"QUANTEC": "Marks LB et al. IJROBP 76(3 Suppl):S10, 2010"},', '  "goals": [']
-    text = "\n".join(head + ["    " + g + ("," if i < len(goals) - 1 else "") for i, g in enumerate(goals)] + ['  ]', '}'])
+    body = ["    " + g + ("," if i < len(goals) - 1 else "") for i, g in enumerate(goals)]
+    text = "\n".join(head + body + ['  ]', '}'])
     path = tmp_path / name
     path.write_text(text)
     return path
 
 
-OK = '{"structure": "Cord", "metric": "Dmax", "comparator": "<=", "value": 45, "unit": "Gy", "priority": "must", "source": "QUANTEC"}'
+OK = ('{"structure": "Cord", "metric": "Dmax", "comparator": "<=", "value": 45, "unit": "Gy", '
+      '"priority": "must", "source": "QUANTEC"}')
 
 
 def test_unknown_metric_names_file_and_line(tmp_path):

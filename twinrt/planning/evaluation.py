@@ -40,7 +40,7 @@ import numpy as np
 from twinrt.dvh import structure_dvh
 from twinrt.errors import InvalidInputError, MissingInputError, StructureError
 from twinrt.model import Case, Dose, Structure
-from twinrt.planning.goals import (COMPARATORS, PRIORITIES, Goal, GoalResult, Metric, evaluate_goal,
+from twinrt.planning.goals import (COMPARATORS, PRIORITIES, Goal, GoalResult, evaluate_goal,
                                    parse_metric)
 
 #: Folder of the shipped goal sets.
