@@ -277,3 +277,16 @@ def test_llm_refuses_non_http_endpoint(no_llm_env):
 
 def test_result_types_are_exported():
     assert {TradeOff, CoverageRequest, DeliveryRequest} <= {type(_parse(r)) for r in ROWS}
+
+
+def test_random_word_salad_never_raises_and_never_edits_outside_the_case():
+    import random
+
+    rng = random.Random(0)  # fixed seed: the test is deterministic
+    words = " ".join(r["text"] for r in ROWS).split() + ["<", ">=", "?", "%", "0", "cGy", "D500%", "v0", "§s"]
+    for _ in range(2000):
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(1, 10)))
+        result = parse_feedback(text, HN)
+        result.confirmation_text()
+        for edit in to_edits(result):
+            assert edit.structure in HN

@@ -124,7 +124,7 @@ _MUST = r"\bmust\b|\bhas to\b|\bhave to\b|\bmandatory\b|\bhard (?:limit|constrai
 _NICE = r"\bideally\b|\bif possible\b|\btry to\b|\bpreferably\b|\bnice to have\b|\bif you can\b"
 
 _LESS = (r"\bfewer\b|\bless\b|\blower\b|\breduce\b|\bdecrease\b|\bcut\b|\bsmaller\b|\bsimpler\b|\bminimi[sz]e\b|"
-         r"\btoo (?:many|much|high|complex)\b|\bshorter\b|\bfaster\b|\bsmoother\b|\bdrop\b|\bbring down\b")
+         r"\btoo (?:many|much|high|hot|complex)\b|\bshorter\b|\bfaster\b|\bsmoother\b|\bdrop\b|\bbring down\b")
 _MORE = r"\bmore\b|\bincrease\b|\braise\b|\bhigher\b|\bimprove\b|\bbetter\b|\bboost\b|\bbump up\b|\bmaximi[sz]e\b"
 
 _SPARE = r"\bspare\b|\bsparing\b|\bprotect\b|\bsave\b|\bavoid\b|\bless dose (?:to|on|in)\b|\blower dose (?:to|on)\b"
@@ -311,7 +311,7 @@ class Clarification(Interpretation):
     :param question: what to ask, in plain words.
     :param reason: ``ambiguous_structure``, ``unknown_structure``, ``missing_unit``, ``missing_metric``,
         ``missing_comparator``, ``unit_mismatch``, ``implausible_value``, ``conflict``,
-        ``several_requests`` or ``not_understood``.
+        ``several_requests``, ``unsupported_metric`` or ``not_understood``.
     :param options: the candidate answers (structure names, units, metrics), possibly empty.
     """
 
@@ -574,6 +574,10 @@ def parse_feedback(text: str, structures: Iterable[Any], evaluation: Any = None)
     if not raw:
         return Clarification(raw, "Please type what you would like to change or ask about the plan.", "not_understood")
 
+    if re.search(r"(?i)(?<![\w.])v\d+(?:\.\d+)?\s?%", raw):
+        # V95% (volume at a percentage of the prescription) needs the prescription: ask for the dose in Gy.
+        return Clarification(raw, "Volume at a percentage of the prescription (V95%) is not supported here: give "
+                                  "the dose in Gy, e.g. 'PTV70 V66.5Gy at least 98%'.", "unsupported_metric")
     masked, metrics = _mask_metrics(raw.replace("≤", " <= ").replace("≥", " >= "))
     tokens = _split_words(masked)
     mentions = _find_mentions(tokens, infos)
@@ -770,10 +774,13 @@ def _goal_edit(raw: str, s: str, structure: str, metrics: list[str], evaluation:
             return TradeOff(raw, structure, "spare", None, None)
         if not values and not less and not more:
             return _not_understood(raw)
-        options = ("D95%", "Dmin", "Dmean") if _is_target(structure) else ("Dmean", "Dmax", "D0.1cc")
+        options = ("D95%", "Dmin", "Dmax") if _is_target(structure) else ("Dmean", "Dmax", "D0.1cc")
         return Clarification(raw, f"Which dose of {structure}: {', '.join(options[:-1])} or {options[-1]}?",
                              "missing_metric", options)
-    parsed = parse_metric(metric)
+    try:
+        parsed = parse_metric(metric)
+    except ValueError as exc:
+        return Clarification(raw, f"{exc}. Which metric do you mean?", "unsupported_metric")
 
     if not values:
         if less and more or le and ge:
