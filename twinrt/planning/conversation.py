@@ -55,6 +55,7 @@ contradict each other give a :class:`Clarification`.
 
 from __future__ import annotations
 
+import abc
 import difflib
 import re
 from dataclasses import asdict, dataclass, field
@@ -149,7 +150,7 @@ _DELIVERY_ASPECTS = (
 # Result types
 
 @dataclass(frozen=True)
-class Interpretation:
+class Interpretation(abc.ABC):
     """Base class: what a piece of feedback means. ``text`` is the feedback as typed."""
 
     text: str = field(default="", compare=False)
@@ -164,9 +165,9 @@ class Interpretation:
         """True for edits, which the user confirms before re-planning (not for questions)."""
         return True
 
+    @abc.abstractmethod
     def confirmation_text(self) -> str:
         """The interpretation restated in plain words, for the user to confirm."""
-        raise NotImplementedError  # every concrete subclass overrides this
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict: ``{"kind": ..., <fields>}`` without the original text."""
@@ -384,6 +385,8 @@ def _find_mentions(tokens: list[str], infos: list[_StructInfo]) -> list[_Mention
         head = info.concept.split()[0] if info.concept else ""
         if head in ("ptv", "ctv", "gtv", "itv"):
             phrases.setdefault((head,), head)
+    # Longest match first, so that "brain stem" is one mention and not "brain" followed by a stray word,
+    # and "spinal cord" is not read as "cord" alone.
     longest = max((len(p) for p in phrases), default=1)
     mentions: list[_Mention] = []
     i = 0
@@ -405,6 +408,7 @@ def _find_mentions(tokens: list[str], infos: list[_StructInfo]) -> list[_Mention
             if unit_next not in ("gy", "cgy", "%", "percent", "cc", "ml"):
                 concept = f"{concept} {tokens[end]}"
                 end += 1
+        # The side is the word just before ("left parotid", "lt parotid") or just after ("parotid l").
         side = None
         if start > 0 and tokens[start - 1] in _SIDE_WORDS:
             side = _SIDE_WORDS[tokens[start - 1]]
@@ -451,11 +455,15 @@ def _fuzzy_mentions(tokens: list[str], taken: set[int], infos: list[_StructInfo]
             if w.isalpha() and len(w) >= 4:
                 vocab.setdefault(w, set()).add(info.concept)
     out, unknown = [], []
+    # Only single words of 4+ letters outside the grammar are tried: short words ("cc", "of") would
+    # match organ names by chance, and difflib's ratio is unreliable below 4 letters.
     for i, tok in enumerate(tokens):
         if i in taken or not tok.isalpha() or len(tok) < 4 or tok in _GRAMMAR_WORDS or tok.startswith("§"):
             continue
         close = difflib.get_close_matches(tok, sorted(vocab), n=5, cutoff=0.8)
         concepts = sorted({c for w in close for c in vocab[w]})
+        # Several concepts ("brainsteem" → brainstem and brainstem prv) stay joined with "|" so that
+        # _candidates offers all of them and the user is asked.
         if len(concepts) == 1:
             side = _SIDE_WORDS.get(tokens[i - 1]) if i > 0 else None
             out.append(_Mention(concepts[0], side, False, i, i + 1, tok, fuzzy=True))
@@ -480,6 +488,7 @@ def _candidates(m: _Mention, infos: list[_StructInfo]) -> list[str]:
 
 
 def _close_names(word: str, names: Sequence[str]) -> list[str]:
+    # A lower cutoff than for fuzzy mentions: these names are only offered as options, never chosen.
     lowered = {n.lower(): n for n in names}
     hits = difflib.get_close_matches(word.replace(" ", ""), list(lowered), n=3, cutoff=0.5)
     return [lowered[h] for h in hits]
@@ -585,7 +594,8 @@ def parse_feedback(text: str, structures: Iterable[Any], evaluation: Any = None)
     fuzzy, unknown = _fuzzy_mentions(tokens, taken, infos)
     mentions = sorted(mentions + fuzzy, key=lambda m: m.start)
 
-    # Resolve every mention; the first ambiguity or unknown one is asked about.
+    # Resolve every mention; the first ambiguity or unknown one is asked about. Asking about one thing
+    # at a time keeps the question short; the user's next message is parsed afresh.
     resolved: list[tuple[_Mention, str]] = []
     for m in mentions:
         cands = _candidates(m, infos)
@@ -625,10 +635,13 @@ def parse_feedback(text: str, structures: Iterable[Any], evaluation: Any = None)
                                             + _LESS + "|" + _MORE, s[:conn.start()])):
         return _trade_off(raw, s, conn, resolved)
 
+    # Delivery words count only without a structure or a metric: "fewer MU" is about the plan, while
+    # "less dose to the larynx" is about an organ even though "less" also appears in "less modulation".
     delivery = [a for p, a in _DELIVERY_ASPECTS if _has(p, s)]
     if delivery and not metrics and not structs:
         return _delivery(raw, s, delivery)
 
+    # Past this point every request needs exactly one structure.
     if not structs:
         if unknown and (metrics or _values(s) or _has(r"\bcoverage\b|" + _SPARE, s)):
             close = _close_names(unknown[0], names)
@@ -704,10 +717,13 @@ def _trade_off(raw: str, s: str, conn: re.Match, resolved: list[tuple[_Mention, 
 
 def _delivery(raw: str, s: str, aspects: list[str]) -> Interpretation:
     aspects = list(dict.fromkeys(aspects))
+    # "fewer MU" often comes with "less modulation" in one breath: both mean the same change (MU grow
+    # with modulation), so they count as one MU request; other pairs are asked about.
     if len(aspects) > 1 and not (set(aspects) == {"mu", "modulation"} and _has(r"\bmus?\b|\bmonitor", s)):
         return Clarification(raw, f"Which should I reduce first: {' or '.join(aspects)}?", "several_requests",
                              tuple(aspects))
     aspect = "mu" if "mu" in aspects else aspects[0]
+    # "no more than 900 MU" contains "more" but asks for a limit, not for more MU.
     less, more = _has(_LESS, s), _has(_MORE, s) and not _has(r"\bno more than\b|\bnot more than\b", s)
     vals = [v for v in _values(s) if v[1] in (None, "MU")]
     limit = None
@@ -797,6 +813,7 @@ def _goal_edit(raw: str, s: str, structure: str, metrics: list[str], evaluation:
     if le and ge:
         return Clarification(raw, f"Should {structure} {metric} be at most or at least {value:g}?", "conflict",
                              ("at most", "at least"))
+    # Two numbers for one metric ("under 40 Gy, or 45 Gy") cannot both be the limit.
     if len(values) > 1:
         opts = tuple(dict.fromkeys(f"{v:g} {u or ''}".strip() for v, u, _ in values))
         return Clarification(raw, f"Which value for {structure} {metric}: {' or '.join(opts)}?", "conflict", opts)
@@ -805,6 +822,7 @@ def _goal_edit(raw: str, s: str, structure: str, metrics: list[str], evaluation:
         comparator = ">="  # "95% coverage with 60 Gy" states a lower limit by definition of coverage
     if comparator is None and _has(r"\btighten\b|\breduce\b|\blower\b|\bdecrease\b", s):
         comparator = "<="
+    # A bare number is never given a unit: 45 may be Gy or cGy, 30 may be % or cc.
     if unit is None:
         choices = ("Gy", "cGy") if parsed.is_dose else ("%", "cc")
         return Clarification(raw, f"{value:g} in which unit: {' or '.join(choices)}?", "missing_unit", choices)
@@ -815,12 +833,14 @@ def _goal_edit(raw: str, s: str, structure: str, metrics: list[str], evaluation:
     if unit != parsed.unit:
         return Clarification(raw, f"{structure} {metric} is measured in {parsed.unit}, but {value:g} {unit} was "
                                   f"given. What limit in {parsed.unit} do you mean?", "unit_mismatch", (parsed.unit,))
+    # No external-beam limit is above 150 Gy: 4500 "Gy" is almost surely cGy typed as Gy, so ask.
     if (unit == "Gy" and value > 150) or (unit == "%" and value > 100):
         return Clarification(raw, f"{value:g} {unit} is implausible for {structure} {metric}. Did you mean "
                                   f"{value / 100:g} {unit}?", "implausible_value", (f"{value / 100:g} {unit}",))
     if comparator is None:
         return Clarification(raw, f"Should {structure} {metric} be at most or at least {value:g} {unit}?",
                              "missing_comparator", ("at most", "at least"))
+    # With an evaluation, say how the edit relates to the goal already there (tighter, looser or new).
     action = "set"
     existing = [g for g in _existing_goals(evaluation, structure)
                 if g.metric.lower() == metric.lower() and g.comparator == comparator]

@@ -116,9 +116,11 @@ class HTTPLanguageModelParser(FeedbackParser):
             raise LanguageModelNotConfiguredError(
                 f"The language-model feedback parser is off: set {ENV_ENDPOINT} and {ENV_MODEL} (or pass endpoint "
                 "and model) to use it, or use the built-in parser")
+        # urllib would also open file:// and ftp:// URLs; only a web endpoint is meant here.
         if not endpoint.lower().startswith(("http://", "https://")):
             raise LanguageModelNotConfiguredError(f"{ENV_ENDPOINT} must be an http(s) URL, got '{endpoint}'")
         names = [s if isinstance(s, str) else str(getattr(s, "name")) for s in structures]
+        # temperature 0: the same feedback should give the same answer, as with the built-in parser.
         payload = {"model": model, "temperature": 0,
                    "messages": [{"role": "system", "content": _SYSTEM_PROMPT},
                                 {"role": "user", "content": json.dumps({"structures": names, "feedback": text})}]}
@@ -126,6 +128,7 @@ class HTTPLanguageModelParser(FeedbackParser):
         key = os.environ.get(ENV_API_KEY, "").strip()
         if key:
             headers["Authorization"] = f"Bearer {key}"  # used for this request only, never kept
+        # The reply is untrusted text: it is parsed and validated against the case, never executed.
         raw = self._transport(endpoint, json.dumps(payload).encode("utf-8"), headers, self.timeout_s)
         return interpretation_from_dict(_answer_json(raw), names, text)
 
@@ -136,6 +139,7 @@ def _answer_json(raw: bytes) -> dict[str, Any]:
         body = json.loads(raw.decode("utf-8"))
         content = body["choices"][0]["message"]["content"] if "choices" in body else body
         if isinstance(content, str):
+            # Chat models often wrap JSON in a ```json fence or add a sentence: take the outermost object.
             fenced = re.search(r"\{.*\}", content, re.DOTALL)
             content = json.loads(fenced.group(0)) if fenced else {}
         return content if isinstance(content, dict) else {}
