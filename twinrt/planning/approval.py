@@ -5,7 +5,7 @@
     draft ──propose──▶ proposed ──approve(reviewer)──▶ approved   (terminal)
       ▲                   │
       │                   └──reject(reviewer, reason)──▶ rejected
-      └──────────────revise(by, reason)──────────────────────┘
+      └──────────────revise(by)──────────────────────────────┘
 
 Only :func:`approve` makes a plan ``approved``, and only with a human reviewer's name: an empty
 name, white space or the AI's own name (:data:`twinrt.audit.AI_ACTOR`) is refused with
