@@ -164,3 +164,25 @@ def test_approved_file_without_reviewer_is_read_as_proposed(tmp_path, ctx):
     ds.save_as(path)
     back = read_rtplan(path)
     assert (back.state, back.approval) == ("proposed", "UNAPPROVED")
+
+
+def test_audit_log_travels_with_the_dicom_export(tmp_path):
+    """export_case writes AUDIT.jsonl beside the DICOM files; import_case reads it back verified."""
+    import numpy as np
+
+    from twinrt.audit import AuditLog
+    from twinrt.dicom.folder import AUDIT_FILE, export_case, import_case
+    from twinrt.geometry import Grid
+    from twinrt.model import Case, Image
+
+    grid = Grid((3, 4, 5), (2.0, 2.0, 2.0))
+    case = Case("AUDIT1", Image(np.zeros(grid.shape, np.int16), grid), metadata={"patient_name": "Audit^Test"})
+    log = AuditLog.of_case(case)
+    log.ai_action("Planned 9 beams", {"beams": 9})
+    log.human_message("Dr Reviewer", "keep the cord under 45 Gy")
+    export_case(case, tmp_path / "out")
+    assert (tmp_path / "out" / AUDIT_FILE).is_file()
+    back = import_case(tmp_path / "out")
+    restored = AuditLog(back.metadata["audit_log"])
+    restored.verify()
+    assert [e["message"] for e in restored.entries] == ["Planned 9 beams", "keep the cord under 45 Gy"]

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 #: What :func:`export_case` writes by default.
 ALL_OBJECTS = ("ct", "rtstruct", "rtdose", "rtplan")
+#: The case's audit log (JSON lines, hash-chained; see :mod:`twinrt.audit`) beside the DICOM files.
+AUDIT_FILE = "AUDIT.jsonl"
 
 # Series numbers keep the objects in a predictable order in PACS and Slicer's DICOM browser.
 _SERIES_CT, _SERIES_RTSTRUCT, _SERIES_RTPLAN, _SERIES_RTDOSE = 1, 2, 3, 10
@@ -152,6 +154,12 @@ def export_case(case: Case, folder: str | Path, include: Iterable[str] = ALL_OBJ
                                               series_number=_SERIES_RTDOSE + n, sop_instance_uid=uid)
                 out["rtdose"].append(path)
             new_meta["rtdose_sop_instance_uids"] = dose_uids
+        if case.metadata.get("audit_log"):
+            from twinrt.audit import AuditLog
+
+            # The audit log travels with the DICOM export (it has no DICOM home): AUDIT.jsonl.
+            AuditLog(list(case.metadata["audit_log"])).save(tmp / AUDIT_FILE)
+            out.setdefault("audit", []).append(tmp / AUDIT_FILE)
     # Report final paths (the temporary folder has been renamed onto ``folder``).
     result = {k: [folder / p.name for p in v] for k, v in out.items()}
     case.metadata.update(ctx.to_metadata())
@@ -215,4 +223,8 @@ def import_case(folder: str | Path) -> Case:
     prescriptions = next((p.prescriptions for p in plans if p.prescriptions), [])
     if prescriptions:
         metadata["prescriptions"] = list(prescriptions)
+    if (folder / AUDIT_FILE).is_file():
+        from twinrt.audit import AuditLog
+
+        metadata["audit_log"] = AuditLog.load(folder / AUDIT_FILE).entries
     return Case(ctx.patient_id, image, structures, doses, plans, metadata)
