@@ -466,7 +466,7 @@ def _gap_mm(a: Structure, b: Structure) -> tuple[float, float]:
         return overlap, 0.0
     if not mb.any():
         return 0.0, math.inf
-    sp = tuple(float(v) for v in a.grid.spacing[::-1])  # (k, j, i) spacing
+    sp = tuple(float(v) for v in a.grid.spacing_mm[::-1])  # (i, j, k) → (k, j, i)
     pad = [int(math.ceil(NEIGHBOUR_MM / s)) + 1 for s in sp]
     idx = np.argwhere(ma)
     lo = np.maximum(idx.min(0) - pad, 0)
