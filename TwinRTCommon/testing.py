@@ -183,7 +183,8 @@ class CaseModuleTestMixin:
     #: part and its valid arguments. That method must raise ``StageNotAvailableError`` instead.
     pendingMethodName = ""
     pendingArguments: tuple = ()
-    #: Text the stage error must contain, e.g. ``"issue 6"`` (also checked in the .ui status label).
+    #: Text the stage error must contain, e.g. ``"issue 6"`` (also checked in the .ui status label);
+    #: empty once every stage of the module is built.
     stageIssueText = ""
     #: Parameter name -> case node stored in it (node references must survive re-wrapping).
     parameterNodes: dict = {}
@@ -258,9 +259,11 @@ class CaseModuleTestMixin:
         pending, pendingArguments = stage, self.stageArguments
         if self.pendingMethodName:
             pending, pendingArguments = getattr(logic, self.pendingMethodName), self.pendingArguments
-        with self.assertRaises(StageNotAvailableError) as context:
-            pending(*[self.caseNode(created, argument) for argument in pendingArguments])
-        self.assertIn(self.stageIssueText, str(context.exception))
+        # A module whose every stage is built (empty stageIssueText) has nothing pending to check.
+        if self.stageIssueText:
+            with self.assertRaises(StageNotAvailableError) as context:
+                pending(*[self.caseNode(created, argument) for argument in pendingArguments])
+            self.assertIn(self.stageIssueText, str(context.exception))
         # Input checks come first: a user with a wrong selection learns that, not "not available".
         with self.assertRaises(InvalidInputError):
             stage(*[self.caseNode(created, argument) for argument in self.invalidStageArguments])
