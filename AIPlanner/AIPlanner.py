@@ -897,7 +897,8 @@ class AIPlannerLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
             raise InvalidInputError(_("'{plan}' was planned from fixed objectives, not for clinical goals; create "
                                       "an agent plan to give feedback on it").format(plan=planNode.GetName()))
         _name, goalSet = self._loadGoalSet(goalsTable.GetAttribute(agentRecord.GOAL_SET_ATTRIBUTE))
-        goalSet = self._withGoals(goalSet, agentRecord.goalsFromJson(goalsTable.GetAttribute(agentRecord.GOALS_ATTRIBUTE)))
+        goals = agentRecord.goalsFromJson(goalsTable.GetAttribute(agentRecord.GOALS_ATTRIBUTE))
+        goalSet = self._withGoals(goalSet, goals)
         case = self.sceneToCase(planNode.GetScene(), context["ct"], context["segmentation"])
         doseName = context["dose"].GetAttribute(mrmlio.DOSE_NAME_ATTRIBUTE) or context["dose"].GetName()
         evaluation = evaluate_plan(case, case.doses[doseName], goalSet, context["plan"])
@@ -946,7 +947,7 @@ class AIPlannerLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         return interpretation
 
     def feedbackReply(self, planNode, interpretation) -> str:
-        """What the panel shows for an interpretation: a question's answer, else the text to confirm or the question back."""
+        """What the panel shows: a question's answer, else the text to confirm, or the question back."""
         from twinrt.planning.conversation import Question, answer
 
         if isinstance(interpretation, Question):
@@ -1482,7 +1483,8 @@ class AIPlannerTest(CaseModuleTestMixin, ScriptedLoadableModuleTest):
                      "prescriptions": [{"target": "PTV", "dose_gy": 60.0, "fractions": 30}],
                      "goals": [{"structure": "PTV", "metric": "D95%", "comparator": ">=", "value": 57.0, "unit": "Gy",
                                 "priority": "must", "source": "test"},
-                               {"structure": "Organ", "metric": "Dmean", "comparator": "<=", "value": 30.0, "unit": "Gy",
+                               {"structure": "Organ", "metric": "Dmean", "comparator": "<=", "value": 30.0,
+                                "unit": "Gy",
                                 "priority": "should", "source": "test"}]}
 
     def assertAuditLog(self, studyItem, minimumEntries: int):
@@ -1621,7 +1623,8 @@ class AIPlannerTest(CaseModuleTestMixin, ScriptedLoadableModuleTest):
             logic.approvePlan(second["beamsTable"], "")
         self.assertEqual(self.sceneState(slicer.mrmlScene), before)
         approved = logic.approvePlan(second["beamsTable"], "Dr^Test", "ok for research")
-        self.assertEqual((approved.state, approved.approval, approved.reviewer_name), ("approved", "APPROVED", "Dr^Test"))
+        self.assertEqual((approved.state, approved.approval, approved.reviewer_name),
+                         ("approved", "APPROVED", "Dr^Test"))
         self.assertExportedApproval(logic, second["beamsTable"], "APPROVED", "Dr^Test")
         logic.rejectPlan(beams, "Dr^Test", "superseded by version 2")
         self.assertExportedApproval(logic, beams, "REJECTED", "Dr^Test")
