@@ -958,29 +958,35 @@ class AIPlannerLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         """Re-plan after the user confirmed an interpretation; the new plan is a new version in the history.
 
         The interpretation becomes edits (:func:`twinrt.planning.conversation.to_edits`): goal edits
-        change the goals planned for, objective edits the starting objectives; then the agent plans again
-        from the edited objectives with the plan's own set-up, prescriptions and settings. The earlier
-        version is kept (it can still be approved or rejected).
+        change the goals planned for, objective edits the starting objectives, set-up edits ("fewer
+        MU", "fewer segments") the plan's smoothing and sequencing; then the agent plans again from the
+        edited objectives with the plan's (edited) set-up, prescriptions and settings. A delivery
+        request with a limit ("keep MU under 800") is checked on the new plan: the result's
+        ``deliveryCheck`` says whether it holds, and so does the audit log. The earlier version is
+        kept (it can still be approved or rejected).
 
         :param planNode: the plan the feedback was given on (beams table of an agent plan).
         :param interpretation: what :meth:`submitFeedback` returned, confirmed by the user.
         :param progress: ``progress(fraction, text)``; :param cancel: a CancelToken.
-        :return: what :meth:`createAgentPlan` returns for the new version.
-        :raises InvalidInputError: a question or clarification (nothing to apply), a request with no
-            objective to change (e.g. delivery requests), or edits that match nothing. The scene is unchanged.
+        :return: what :meth:`createAgentPlan` returns for the new version, plus ``deliveryCheck``
+            (``None``, or ``{"aspect", "limit", "value", "met"}`` for a delivery request with a limit).
+        :raises InvalidInputError: a question or clarification (nothing to apply), or edits that match
+            nothing. The scene is unchanged.
         """
         from twinrt.errors import InvalidInputError
         from twinrt.model import Prescription
-        from twinrt.planning.agent import apply_edits, apply_goal_edits
-        from twinrt.planning.conversation import to_edits
+        from twinrt.planning.agent import apply_edits, apply_goal_edits, apply_setup_edits
+        from twinrt.planning.conversation import DeliveryRequest, to_edits
+
+        from TwinRTCommon import mrmlio
 
         if not interpretation.needs_confirmation:
             raise InvalidInputError(_("There is nothing to apply: '{text}' is a question or needs an answer "
                                       "first").format(text=interpretation.text))
-        edits = to_edits(interpretation)
+        setup = self._planSetup(json.loads(planNode.GetAttribute(planRecord.PLAN_SETUP_ATTRIBUTE)))
+        edits = to_edits(interpretation, setup)
         if not edits:
-            raise InvalidInputError(_("'{text}' does not change the goals or objectives (delivery requests change "
-                                      "the beam set-up: edit it and create the plan again)").format(
+            raise InvalidInputError(_("'{text}' does not change the goals, objectives or plan set-up").format(
                 text=interpretation.text))
         context = self._planContext(planNode)
         goalsTable = context["goalsTable"]
@@ -996,11 +1002,25 @@ class AIPlannerLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         settings = json.loads(planNode.GetAttribute(agentRecord.AGENT_SETTINGS_ATTRIBUTE))
         parent = next((h["version"] for h in self.planHistory(context["studyItem"], planNode.GetScene())
                        if h["planNodeID"] == planNode.GetID()), None)
-        return self._runAgent(context["ct"], context["segmentation"],
-                              json.loads(planNode.GetAttribute(planRecord.TARGET_SEGMENTS_ATTRIBUTE)), prescriptions,
-                              self._withGoals(goalSet, goals), settings,
-                              self._planSetup(json.loads(planNode.GetAttribute(planRecord.PLAN_SETUP_ATTRIBUTE))),
-                              objectives, context["plan"].label, parent, interpretation.text, progress, cancel)
+        result = self._runAgent(context["ct"], context["segmentation"],
+                                json.loads(planNode.GetAttribute(planRecord.TARGET_SEGMENTS_ATTRIBUTE)),
+                                prescriptions, self._withGoals(goalSet, goals), settings,
+                                apply_setup_edits(setup, edits), objectives, context["plan"].label, parent,
+                                interpretation.text, progress, cancel)
+        check = None
+        if isinstance(interpretation, DeliveryRequest) and interpretation.limit is not None:
+            key = {"mu": "total_mu", "segments": "n_segments"}.get(interpretation.aspect)
+            value = result["evaluation"].deliverability.get(key) if key else None
+            if value is not None:
+                check = {"aspect": interpretation.aspect, "limit": float(interpretation.limit),
+                         "value": float(value), "met": bool(value <= interpretation.limit)}
+                scene, studyItem = planNode.GetScene(), result["studyItem"]
+                log = mrmlio.studyAuditLog(studyItem, scene)
+                log.ai_action(f"Delivery limit {interpretation.aspect} <= {interpretation.limit:g}: the new plan has "
+                              f"{value:.0f}, {'met' if check['met'] else 'NOT met: ask again to smooth further'}",
+                              {"plan_node": result["beamsTable"].GetName(), **check})
+                mrmlio.setStudyAuditLog(studyItem, log, scene)
+        return {**result, "deliveryCheck": check}
 
     # ------------------------------------------------------------------------------------- review
     def approvePlan(self, planNode, reviewerName: str, comment: str = ""):
@@ -1562,6 +1582,22 @@ class AIPlannerTest(CaseModuleTestMixin, ScriptedLoadableModuleTest):
             self.assertIn(("Organ", "Dmean", 25.0), [(g["structure"], g["metric"], g["value"]) for g in goals])
             self.assertEqual(len(mrmlio.tableToRows(logic.historyTable(study))), 2)
 
+            # A delivery request with a limit: smoother fluence in the set-up, fewer MU, the limit checked.
+            from twinrt.planning.evaluation import deliverability
+
+            muBefore = deliverability(second["planningResult"].plan)["total_mu"]
+            interpretation = logic.submitFeedback(second["beamsTable"], f"keep MU under {muBefore - 1:.0f}")
+            self.assertIn("monitor units", logic.feedbackReply(second["beamsTable"], interpretation))
+            third = logic.applyFeedback(second["beamsTable"], interpretation)
+            newSetup = json.loads(third["beamsTable"].GetAttribute(planRecord.PLAN_SETUP_ATTRIBUTE))
+            self.assertGreater(newSetup["smoothness_weight"], 0.0)
+            check = third["deliveryCheck"]
+            self.assertEqual((check["aspect"], check["limit"]), ("mu", float(f"{muBefore - 1:.0f}")))
+            self.assertLess(check["value"], muBefore)
+            self.assertEqual(check["met"], check["value"] <= check["limit"])
+            self.assertIn("Delivery limit", self.assertAuditLog(study, 1).entries[-1]["message"])
+            self.assertEqual([h["version"] for h in logic.planHistory(study)], [1, 2, 3])
+
         # No reviewer, or the AI as reviewer: refused, nothing changes.
         before = self.sceneState(slicer.mrmlScene)
         for name in ("", "  ", "TwinRT AI"):
@@ -1578,7 +1614,7 @@ class AIPlannerTest(CaseModuleTestMixin, ScriptedLoadableModuleTest):
         self.assertEqual((rejected.state, rejected.approval), ("rejected", "REJECTED"))
         with self.assertRaises(InvalidTransitionError):
             logic.approvePlan(beams, "Dr^Test")
-        self.assertEqual([h["state"] for h in logic.planHistory(study)], ["rejected", "proposed"])
+        self.assertEqual([h["state"] for h in logic.planHistory(study)], ["rejected", "proposed", "proposed"])
         self.assertExportedApproval(logic, beams, "REJECTED", "Dr^Test")
         self.assertEqual(self.assertAuditLog(study, 1).entries[-1]["kind"], "rejection")
         self.delayDisplay("Test passed")

@@ -197,8 +197,41 @@ def test_to_edits_maps_onto_agent_edits():
     assert [o["weight"] for o in objs] == [20.0, 500.0]
     cover = to_edits(parse_feedback("more coverage of PTV63", HN))
     assert [(e.kind, e.structure, e.factor) for e in cover] == [("scale_weight", "PTV63", 2.0)]
-    assert to_edits(parse_feedback("fewer MU", HN)) == []
     assert to_edits(parse_feedback("why is the cord so high?", HN)) == []
+
+
+def test_delivery_requests_become_set_up_edits():
+    agent = pytest.importorskip("twinrt.planning.agent")
+    from twinrt.planning.conversation import SMOOTHNESS_START
+    from twinrt.planning.workflow import PlanSetup
+
+    base = PlanSetup(levels=20)
+    fewer = to_edits(parse_feedback("fewer MU", HN), base)
+    assert [(e.kind, e.parameter, e.value) for e in fewer] == [("set_setup", "smoothness_weight", SMOOTHNESS_START)]
+    assert "0 → 30" in fewer[0].reason
+    smoother = agent.apply_setup_edits(base, fewer)
+    assert smoother.smoothness_weight == SMOOTHNESS_START and base.smoothness_weight == 0.0
+    # A second request doubles it; "more MU" halves it, and below the start value switches it off.
+    again = agent.apply_setup_edits(smoother, to_edits(parse_feedback("less modulation please", HN), smoother))
+    assert again.smoothness_weight == 2 * SMOOTHNESS_START
+    back = agent.apply_setup_edits(again, to_edits(parse_feedback("allow more MU", HN), again))
+    assert back.smoothness_weight == SMOOTHNESS_START
+    off = agent.apply_setup_edits(back, to_edits(parse_feedback("allow more MU", HN), back))
+    assert off.smoothness_weight == 0.0
+    # A limit ("keep MU under 800") is a smoothing edit too; the caller checks the limit afterwards.
+    limited = parse_feedback("keep MU under 800", HN)
+    assert isinstance(limited, DeliveryRequest) and limited.limit == 800
+    assert [e.parameter for e in to_edits(limited, base)] == ["smoothness_weight"]
+    seg = agent.apply_setup_edits(base, to_edits(parse_feedback("fewer segments", HN), base))
+    assert seg.levels == 14 and isinstance(seg.levels, int)
+    assert agent.apply_setup_edits(PlanSetup(levels=3), to_edits(parse_feedback("fewer segments", HN),
+                                                                  PlanSetup(levels=3))).levels == 3
+    # Objective and goal edits ignore set-up edits, and the other way round.
+    assert agent.apply_edits([], fewer) == [] and agent.apply_goal_edits([], fewer) == []
+    with pytest.raises(agent.InvalidInputError, match="smoothness_weight must be"):
+        agent.Edit("set_setup", "plan", parameter="smoothness_weight", value=-1.0)
+    with pytest.raises(agent.InvalidInputError, match="changes one of"):
+        agent.Edit("set_setup", "plan", parameter="gantry_deg", value=10.0)
 
 
 def test_interpretation_round_trip_and_refusal_of_foreign_structures():
@@ -289,4 +322,4 @@ def test_random_word_salad_never_raises_and_never_edits_outside_the_case():
         result = parse_feedback(text, HN)
         result.confirmation_text()
         for edit in to_edits(result):
-            assert edit.structure in HN
+            assert edit.structure in HN or (edit.kind == "set_setup" and edit.structure == "plan")

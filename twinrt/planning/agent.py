@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
@@ -51,6 +51,10 @@ from twinrt.progress import CancelToken, ProgressCallback, report
 #: Edit kinds understood by :func:`apply_edits` (objectives) and :func:`apply_goal_edits` (goals).
 OBJECTIVE_EDIT_KINDS = ("set_objective", "scale_weight", "remove_objective")
 GOAL_EDIT_KINDS = ("add_goal", "remove_goal")
+#: Edit kinds understood by :func:`apply_setup_edits` (the plan set-up: smoothing, sequencing).
+SETUP_EDIT_KINDS = ("set_setup",)
+#: Set-up parameters a ``set_setup`` edit may change, with their allowed range (inclusive).
+SETUP_PARAMETERS = {"smoothness_weight": (0.0, 1.0e6), "levels": (2, 100), "min_segment_mu": (0.0, 1000.0)}
 #: Weight multiplier for a goal that still fails, by priority (must pulls hardest).
 ESCALATION = {"must": 4.0, "should": 2.0, "nice": 1.5}
 #: First weight of an objective made for a failing goal: (target goals, other goals), by priority.
@@ -86,6 +90,8 @@ class Edit:
     * ``remove_objective``: remove the objectives on ``structure`` (of kind ``objective`` when given).
     * ``add_goal``: add the goal ``structure metric comparator value`` with ``priority``.
     * ``remove_goal``: remove the goals on ``structure`` (with ``metric`` when given).
+    * ``set_setup``: set the plan set-up's ``parameter`` (one of :data:`SETUP_PARAMETERS`:
+      fluence smoothness, intensity levels, least segment MU) to ``value``; ``structure`` is ``"plan"``.
 
     :param kind: one of the kinds above.
     :param structure: structure name (matched case-insensitively).
@@ -98,6 +104,7 @@ class Edit:
     :param comparator: ``"<="`` or ``">="`` (``add_goal``).
     :param priority: ``must``, ``should`` or ``nice`` (``add_goal``).
     :param reason: plain words: why the edit is made.
+    :param parameter: the set-up parameter (``set_setup``).
     """
 
     kind: str
@@ -111,13 +118,21 @@ class Edit:
     comparator: str = ""
     priority: str = ""
     reason: str = ""
+    parameter: str = ""
 
     def __post_init__(self) -> None:
-        if self.kind not in OBJECTIVE_EDIT_KINDS + GOAL_EDIT_KINDS:
-            raise InvalidInputError(f"Unknown edit kind '{self.kind}'; use one of "
-                                    f"{', '.join(OBJECTIVE_EDIT_KINDS + GOAL_EDIT_KINDS)}")
+        kinds = OBJECTIVE_EDIT_KINDS + GOAL_EDIT_KINDS + SETUP_EDIT_KINDS
+        if self.kind not in kinds:
+            raise InvalidInputError(f"Unknown edit kind '{self.kind}'; use one of {', '.join(kinds)}")
         if not str(self.structure).strip():
-            raise InvalidInputError(f"A {self.kind} edit needs a structure name")
+            raise InvalidInputError(f"A {self.kind} edit needs a structure name ('plan' for set-up edits)")
+        if self.kind == "set_setup":
+            if self.parameter not in SETUP_PARAMETERS:
+                raise InvalidInputError(f"A set_setup edit changes one of {', '.join(SETUP_PARAMETERS)}, "
+                                        f"got {self.parameter!r}")
+            lo, hi = SETUP_PARAMETERS[self.parameter]
+            if self.value is None or not (math.isfinite(self.value) and lo <= self.value <= hi):
+                raise InvalidInputError(f"{self.parameter} must be a number in [{lo:g}, {hi:g}], got {self.value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (fields left at their defaults are dropped)."""
@@ -241,6 +256,19 @@ class AgentResult:
                 "objectives": self.objectives, "goals": [g.to_dict() for g in self.goals],
                 "results": [_result_dict(r) for r in self.results], "conflicts": self.conflicts,
                 "trace": self.trace}
+
+
+def apply_setup_edits(setup: PlanSetup, edits: Iterable[Edit]) -> PlanSetup:
+    """Apply the ``set_setup`` edits (other kinds are skipped) in order; ``setup`` is not modified.
+
+    :return: a new :class:`~twinrt.planning.workflow.PlanSetup` (``levels`` rounded to an integer).
+    """
+    out = setup
+    for e in edits:
+        if e.kind == "set_setup":
+            value: Any = int(round(float(e.value))) if e.parameter == "levels" else float(e.value)
+            out = replace(out, **{e.parameter: value})
+    return out
 
 
 # ---------------------------------------------------------------------------------------- evaluation

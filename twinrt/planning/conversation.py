@@ -958,9 +958,17 @@ def interpretation_from_dict(data: dict[str, Any], structures: Iterable[Any], te
 #: Weight multiplier for "more" (and 1 / it for "less") when feedback names no number: one doubling
 #: is a visible but reversible step; the user can repeat the request to go further.
 FEEDBACK_FACTOR = 2.0
+#: Fluence smoothness weight set by the first "fewer MU" / "less modulation" when the plan had none.
+#: Smoothness is comparable with objective weights (see :mod:`twinrt.planning.optimizer`); on the
+#: test phantom 10 cut the MU by 18 % and 100 by 32 % at equal target coverage. Each further request
+#: multiplies it by :data:`FEEDBACK_FACTOR`; "more MU" divides it (below the start value it becomes 0).
+SMOOTHNESS_START = 30.0
+#: "Fewer segments" multiplies the intensity levels of leaf sequencing by this (at least 3 levels);
+#: "more segments" divides them by it.
+LEVELS_FACTOR = 0.7
 
 
-def to_edits(interpretation: Interpretation) -> list[Any]:
+def to_edits(interpretation: Interpretation, setup: Any = None) -> list[Any]:
     """The agent's :class:`~twinrt.planning.agent.Edit` objects for a confirmed interpretation.
 
     Mapping (objective edits go through :func:`~twinrt.planning.agent.apply_edits`, goal edits
@@ -971,10 +979,17 @@ def to_edits(interpretation: Interpretation) -> list[Any]:
       without a value: ``scale_weight`` ×:data:`FEEDBACK_FACTOR` (tighten) or ÷ (relax) on the structure.
     * :class:`TradeOff`: ``scale_weight`` ×factor on ``favour``, ÷factor on ``accept``.
     * :class:`CoverageRequest`: ``scale_weight`` ×factor (increase) or ÷factor (decrease) on the target.
-    * :class:`DeliveryRequest`, :class:`Question`, :class:`Clarification`: no edit (``[]``);
-      delivery requests change the plan set-up (smoothing, segment count), not the objectives.
+    * :class:`DeliveryRequest`: a ``set_setup`` edit of the plan set-up (applied with
+      :func:`~twinrt.planning.agent.apply_setup_edits`): fewer MU or less modulation (also with a
+      limit: "keep MU under 800") raise the fluence smoothness weight (to :data:`SMOOTHNESS_START`,
+      then ×:data:`FEEDBACK_FACTOR`); more lowers it; fewer segments scale the intensity levels by
+      :data:`LEVELS_FACTOR`, more by its inverse. A limit is not a constraint of the optimiser: the
+      caller checks it on the new plan and says whether it holds.
+    * :class:`Question`, :class:`Clarification`: no edit (``[]``).
 
     :param interpretation: a result of :func:`parse_feedback` the user confirmed.
+    :param setup: the plan's :class:`~twinrt.planning.workflow.PlanSetup` (for delivery requests;
+        default ``PlanSetup()``).
     :return: list of ``Edit``.
     """
     # Imported here: the agent pulls in the optimiser, which the parser itself does not need.
@@ -1000,4 +1015,21 @@ def to_edits(interpretation: Interpretation) -> list[Any]:
     if isinstance(interpretation, CoverageRequest):
         f = FEEDBACK_FACTOR if interpretation.direction == "increase" else 1.0 / FEEDBACK_FACTOR
         return [Edit("scale_weight", interpretation.structure, factor=f, reason=reason)]
+    if isinstance(interpretation, DeliveryRequest):
+        from twinrt.planning.workflow import PlanSetup
+
+        setup = setup if setup is not None else PlanSetup()
+        if interpretation.aspect == "segments":
+            levels = int(setup.levels)
+            new = max(3, int(round(levels * LEVELS_FACTOR))) if interpretation.direction == "decrease" \
+                else min(100, max(levels + 1, int(round(levels / LEVELS_FACTOR))))
+            return [Edit("set_setup", "plan", parameter="levels", value=float(new),
+                         reason=f"{reason}: intensity levels {levels} → {new}")]
+        smooth = float(setup.smoothness_weight)
+        if interpretation.direction == "decrease":
+            new_s = SMOOTHNESS_START if smooth < SMOOTHNESS_START else smooth * FEEDBACK_FACTOR
+        else:
+            new_s = smooth / FEEDBACK_FACTOR if smooth / FEEDBACK_FACTOR >= SMOOTHNESS_START else 0.0
+        return [Edit("set_setup", "plan", parameter="smoothness_weight", value=new_s,
+                     reason=f"{reason}: fluence smoothness weight {smooth:g} → {new_s:g}")]
     return []
