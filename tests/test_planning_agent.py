@@ -118,3 +118,28 @@ def test_apply_edits_sets_scales_and_removes_objectives():
 def test_no_goals_is_refused():
     with pytest.raises(InvalidInputError, match="No goals"):
         virtual_planner(phantom_case(), [], setup=SETUP)
+
+
+def test_conflicts_name_only_binding_goals():
+    from twinrt.planning.agent import _Lookup, _goal_set, find_conflicts
+    from twinrt.planning.goals import GoalResult
+
+    case = phantom_case()
+    # Goals on the target itself always pull against its coverage (same voxels).
+    goals = [Goal("PTV", "D95%", ">=", 60.0, "must"), Goal("PTV", "Dmean", "<=", 100.0, "should"),
+             Goal("PTV", "Dmax", "<=", 66.0, "should")]
+    lookup = _Lookup(case, _goal_set(goals))
+
+    def results(mean, dmax):
+        return [GoalResult(goals[0], 58.0, False, -2.0), GoalResult(goals[1], mean, mean <= 100.0, 100.0 - mean),
+                GoalResult(goals[2], dmax, dmax <= 66.0, 66.0 - dmax)]
+
+    # Mean 60 Gy (40 Gy to spare) is not what holds the coverage back; Dmax 65.5 Gy is at its limit.
+    rs = results(60.0, 65.5)
+    conflicts = find_conflicts(lookup, rs, rs, 3)
+    assert conflicts[0]["opposing"] == ["PTV Dmax <= 66 Gy (should)"]
+    assert "Dmean" not in conflicts[0]["text"]
+    # Both with room to spare: no goal is blamed, and the text says what else may help.
+    rs = results(60.0, 50.0)
+    conflicts = find_conflicts(lookup, rs, rs, 3)
+    assert conflicts[0]["opposing"] == [] and "beam angles" in conflicts[0]["text"]

@@ -512,9 +512,12 @@ def find_conflicts(lookup: Callable[[str], Optional[Structure]], results: Sequen
 
     Opposing goals: goals with the other comparator on the same structure, or on a structure that
     overlaps it or lies within :data:`NEIGHBOUR_MM` (a target's lower limit against an organ's
-    upper limit pull the same voxels, or the dose fall-off between them, in opposite directions).
+    upper limit pull the same voxels, or the dose fall-off between them, in opposite directions),
+    and that are *binding*: failing too, or met by less than :data:`RELAX_MARGIN` of their limit. A
+    goal met with room to spare is not what holds the failing one back and is never named.
     """
     out = []
+    by_goal = {id(x.goal): x for x in results}
     for r, ro in zip(results, optimized):
         g = r.goal
         if g.priority != "must" or r.passed is not False:
@@ -524,6 +527,11 @@ def find_conflicts(lookup: Callable[[str], Optional[Structure]], results: Sequen
         for h in (x.goal for x in results):
             t = lookup(h.structure)
             if h is g or h.comparator == g.comparator or s is None or t is None:
+                continue
+            rh = by_goal[id(h)]
+            if rh.passed is None:
+                continue
+            if rh.passed and rh.margin is not None and rh.margin >= RELAX_MARGIN * _limit_scale(h):
                 continue
             if t.name == s.name:
                 opposing.append((0, 0.0, h, f"both are on {s.name}"))
@@ -544,8 +552,8 @@ def find_conflicts(lookup: Callable[[str], Optional[Structure]], results: Sequen
             text = f"'{g.describe()}' still fails after {rounds} round(s) of escalation: it conflicts with {names} — " \
                    f"{opposing[0][3]}. Relax one of them (or change the contours) to meet the other."
         else:
-            text = f"'{g.describe()}' still fails after {rounds} round(s) of escalation and no goal pulls against " \
-                   "it; more beams or other beam angles may be needed."
+            text = f"'{g.describe()}' still fails after {rounds} round(s) of escalation and no goal near it is at " \
+                   "its limit; more beams, other beam angles or more optimisation rounds may be needed."
         out.append({"goal": g.describe(), "opposing": [x[2].describe() for x in opposing], "text": text})
     return out
 
