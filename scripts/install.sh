@@ -10,7 +10,7 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[slicer,test]"
+.venv/bin/python -m pip install -q -e ".[slicer,test,ai]"
 # dciodvfy (dicom3tools) validates the DICOM files we write.
 if ! command -v dciodvfy >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ]; then
