@@ -333,3 +333,72 @@ def test_bad_parameters_are_refused(kwargs, words):
     dij, structures = _line_problem()
     with pytest.raises(InvalidInputError, match=words):
         optimize_fluence(dij, structures, [SquaredDeviation("PTV", 50, 1)], **kwargs)
+
+
+# ---------------------------------------------------------------------- dose mimicking
+def _mimic(structure, weight, side="both", uncertainty=""):
+    return objective_from_dict({"structure": structure, "kind": "dose_mimicking", "reference": "predicted",
+                                "side": side, "weight": weight, **({"uncertainty": uncertainty} if uncertainty
+                                                                   else {})})
+
+
+@pytest.mark.parametrize("side", ["upper", "lower", "both"])
+def test_dose_mimicking_gradient_and_window(side):
+    rng = np.random.default_rng(2)
+    d, ref, std = rng.uniform(5, 50, 200), rng.uniform(5, 50, 200), rng.uniform(0, 4, 200)
+    o = _mimic("S", 3.0, side, "predicted_std")
+    o.bind(ref, std)
+    grad = o.gradient(d)
+    dev = d - ref
+    inside = {"upper": dev > 0, "lower": dev < 0, "both": np.ones(200, bool)}[side]
+    assert np.all(grad[~inside] == 0) and np.all(grad[inside] != 0)
+    h = 1e-5
+    for i in range(0, 200, 9):
+        up, down = d.copy(), d.copy()
+        up[i] += h
+        down[i] -= h
+        assert grad[i] == pytest.approx((o.value(up) - o.value(down)) / (2 * h), rel=1e-4, abs=1e-9)
+    # Uncertain voxels pull less: s = 1 / (1 + (σ/σ0)²).
+    o2 = _mimic("S", 3.0, side)
+    o2.bind(ref)
+    assert np.all(np.abs(grad) <= np.abs(o2.gradient(d)) + 1e-12)
+    assert o.to_dict()["uncertainty"] == "predicted_std"
+    assert objective_from_dict(o.to_dict()).to_dict() == o.to_dict()
+
+
+def test_dose_mimicking_in_the_kernel_matches_the_objective():
+    dij, structures = _line_problem()
+    w_true = np.random.default_rng(5).uniform(0, 3, dij.n_bixels)
+    predicted = dij.matrix @ w_true
+    std = np.linspace(0.0, 3.0, predicted.size)
+    objectives = [SquaredUnderdose("PTV", 40, 50), _mimic("PTV", 100, "lower"),
+                  _mimic("Organ", 30, "upper", "predicted_std"), _mimic("BODY", 5, "both")]
+    voxels = opt._structure_voxels(dij, structures, objectives, True)
+    prob = opt._Problem(dij, objectives, voxels, None, None, {"predicted": predicted, "predicted_std": std})
+    prob.set_active(np.ones(prob.n_rows, bool))
+    w = np.random.default_rng(0).uniform(0, 4, dij.n_bixels)
+    f, g = prob.evaluate(w)
+    assert f == pytest.approx(sum(prob.objective_values(prob.full_dose(w))), rel=1e-9)
+    h = 1e-4
+    for j in range(dij.n_bixels):
+        e = np.zeros_like(w)
+        e[j] = h
+        fd = (prob.evaluate(w + e)[0] - prob.evaluate(w - e)[0]) / (2 * h)
+        assert g[j] == pytest.approx(fd, rel=2e-4, abs=1e-6), j
+
+
+def test_dose_mimicking_reproduces_an_achievable_reference_dose():
+    dij, structures = _line_problem()
+    w_true = np.random.default_rng(7).uniform(0.5, 3, dij.n_bixels)
+    predicted = np.asarray(dij.matrix @ w_true, dtype=float)
+    rx = float(predicted[12:24].mean())
+    objectives = [SquaredUnderdose("PTV", 0.5 * rx, 1), _mimic("PTV", 1000), _mimic("Organ", 1000),
+                  _mimic("BODY", 1000)]
+    res = optimize_fluence(dij, structures, objectives, max_iter=300, reference_doses={"predicted": predicted})
+    err = np.abs(res.dose_gy.reshape(-1) - predicted)
+    assert err.max() < 0.02 * predicted.max()
+    # Without the reference the objective cannot be evaluated: the message names what is missing.
+    with pytest.raises(InvalidInputError, match="'predicted'"):
+        optimize_fluence(dij, structures, objectives, max_iter=5)
+    with pytest.raises(InvalidInputError, match="dose grid"):
+        optimize_fluence(dij, structures, objectives, max_iter=5, reference_doses={"predicted": predicted[:-1]})

@@ -20,6 +20,12 @@ mean_dose           max(mean(d) - D, 0)²                         *(TwinRT)* one
                                                                  pyRadPlan ``MeanDose`` (quadratic) for D = 0
 geud                max(gEUD_a(d) - D, 0)²,                      *(TwinRT)* one-sided "gEUD ≤ D" with the usual
                     gEUD_a = (Σ d^a / N)^(1/a), a ≥ 1            exponent a (pyRadPlan's EUD uses k = 1/a)
+dose_mimicking      Σ s_v · w(d_v - p_v)² / N                    *(TwinRT)* voxel-wise: p_v is a reference dose
+                                                                 (e.g. a predicted dose) per voxel, w keeps the
+                                                                 excess (``side="upper"``), the shortfall
+                                                                 (``"lower"``) or both; s_v = 1/(1+(σ_v/σ₀)²)
+                                                                 down-weights voxels whose reference is
+                                                                 uncertain (σ_v: per-voxel std, Gy)
 ==================  ==========================================  ===========================================
 
 Because of the 1/N normalisation a structure's objective does not grow with its size: a 1 Gy
@@ -49,6 +55,7 @@ from twinrt.errors import InvalidInputError
 CODE_WINDOW = 0   # coef * (d - ref) where lo <= d <= hi
 CODE_CONSTANT = 1  # coef
 CODE_POWER = 2    # coef * d ** power
+CODE_VOXEL = 3    # coef * s_v * (d - p_v) where lo <= d - p_v <= hi (p_v, s_v given per voxel)
 
 
 @dataclass(frozen=True)
@@ -58,7 +65,8 @@ class KernelTerm:
     The gradient of ``weight * f`` with respect to a voxel dose ``d`` is, by ``code``:
     ``CODE_WINDOW``: ``coef * (d - ref)`` when ``lo <= d <= hi`` (else 0), and the voxel's value is
     ``value_scale * coef / 2 * (d - ref)**2``; ``CODE_CONSTANT``: ``coef``; ``CODE_POWER``:
-    ``coef * d**power``. Terms of objectives that depend on the whole structure (DVH, mean, gEUD) are
+    ``coef * d**power``; ``CODE_VOXEL``: ``coef * s_v * (d - p_v)`` when ``lo <= d - p_v <= hi``, with
+    a reference ``p_v`` and a scale ``s_v`` per voxel (value ``value_scale * coef * s_v / 2 * (d - p_v)**2``). Terms of objectives that depend on the whole structure (DVH, mean, gEUD) are
     rebuilt from the current dose at every evaluation and have ``value_scale`` 0: their value is
     computed from the structure's dose by :meth:`Objective.value` instead.
     """
@@ -338,10 +346,122 @@ class GEUD(Objective):
         return {**super().to_dict(), "a": self.a}
 
 
+# ---------------------------------------------------------------------- reference-dose objectives
+#: Sides of :class:`DoseMimicking`: which deviations from the reference cost.
+MIMIC_SIDES = ("upper", "lower", "both")
+
+
+@dataclass
+class DoseMimicking(Objective):
+    """Voxel-wise dose mimicking: ``weight * Σ s_v · w(d_v - p_v)² / N`` towards a reference dose p.
+
+    Used for knowledge-based planning: the reference is a predicted dose (Gy) given to the optimiser
+    by name (``reference_doses`` of :func:`twinrt.planning.optimizer.optimize_fluence`), so that the
+    objective itself stays a small JSON dict. ``side="upper"`` penalises only dose above the
+    reference (organs: "no more than predicted"), ``"lower"`` only dose below it (targets), ``"both"``
+    any deviation. With ``uncertainty`` (the name of a per-voxel standard-deviation dose, Gy) each
+    voxel counts ``s_v = 1 / (1 + (σ_v / sigma0_gy)²)``: an uncertain prediction pulls less.
+
+    ``dose_gy`` is not used (0). :meth:`bind` gives the per-voxel reference and scale (in the order of
+    the structure's voxels) before :meth:`value` or :meth:`gradient` is called.
+
+    :param reference: name of the reference dose.
+    :param side: ``upper``, ``lower`` or ``both``.
+    :param uncertainty: name of the standard-deviation dose, or ``""`` (every voxel counts 1).
+    :param sigma0_gy: σ₀ (Gy) of the uncertainty weighting, > 0.
+    """
+
+    dose_gy: float = 0.0
+    reference: str = "predicted"
+    side: str = "upper"
+    uncertainty: str = ""
+    sigma0_gy: float = 2.0
+
+    kind: ClassVar[str] = "dose_mimicking"
+    #: The optimiser must bind per-voxel references (:meth:`bind`) before use.
+    needs_reference: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.reference, str) or not self.reference.strip():
+            raise InvalidInputError(f"The dose_mimicking objective on '{self.structure}' needs the name of its "
+                                    "reference dose (e.g. 'predicted')")
+        if self.side not in MIMIC_SIDES:
+            raise InvalidInputError(f"The side of the dose_mimicking objective on '{self.structure}' must be one "
+                                    f"of {', '.join(MIMIC_SIDES)}, got {self.side!r}")
+        sigma0 = float(self.sigma0_gy)
+        if not (math.isfinite(sigma0) and sigma0 > 0):
+            raise InvalidInputError(f"sigma0_gy of the dose_mimicking objective on '{self.structure}' must be "
+                                    f"> 0 Gy, got {self.sigma0_gy!r}")
+        self.sigma0_gy = sigma0
+        self.uncertainty = str(self.uncertainty or "")
+        self._ref: np.ndarray | None = None
+        self._scale: np.ndarray | None = None
+
+    def bind(self, reference_gy: np.ndarray, std_gy: np.ndarray | None = None) -> None:
+        """Give the reference dose (Gy) and optionally its standard deviation (Gy) of the structure's voxels."""
+        ref = np.asarray(reference_gy, dtype=np.float64).reshape(-1)
+        if not np.all(np.isfinite(ref)):
+            raise InvalidInputError(f"The reference dose '{self.reference}' has non-finite values in "
+                                    f"'{self.structure}'")
+        if std_gy is None:
+            scale = np.ones_like(ref)
+        else:
+            std = np.asarray(std_gy, dtype=np.float64).reshape(-1)
+            if std.shape != ref.shape or not np.all(np.isfinite(std)) or np.any(std < 0):
+                raise InvalidInputError(f"The uncertainty dose '{self.uncertainty}' must be finite doses >= 0 Gy, "
+                                        f"one per voxel of '{self.structure}'")
+            scale = 1.0 / (1.0 + (std / self.sigma0_gy) ** 2)
+        self._ref, self._scale = ref, scale
+
+    @property
+    def voxel_reference(self) -> tuple[np.ndarray, np.ndarray]:
+        """(reference Gy, scale) per voxel, as bound."""
+        if self._ref is None or self._scale is None:
+            raise InvalidInputError(f"The dose_mimicking objective on '{self.structure}' has no reference dose "
+                                    f"'{self.reference}' bound: give it to the optimiser in reference_doses")
+        return self._ref, self._scale
+
+    def _window(self) -> tuple[float, float]:
+        return {"upper": (0.0, math.inf), "lower": (-math.inf, 0.0), "both": (-math.inf, math.inf)}[self.side]
+
+    def _deviation(self, dose_gy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        d = _as_doses(dose_gy, self.structure)
+        ref, scale = self.voxel_reference
+        if ref.shape != d.shape:
+            raise InvalidInputError(f"The reference of '{self.structure}' has {ref.size} voxels, the dose {d.size}")
+        lo, hi = self._window()
+        dev = d - ref
+        return np.where((dev >= lo) & (dev <= hi), dev, 0.0), scale
+
+    def value(self, dose_gy: np.ndarray) -> float:
+        dev, scale = self._deviation(dose_gy)
+        return self.weight * float(np.sum(scale * dev * dev)) / dev.size
+
+    def gradient(self, dose_gy: np.ndarray) -> np.ndarray:
+        dev, scale = self._deviation(dose_gy)
+        return 2.0 * self.weight / dev.size * scale * dev
+
+    def kernel_term(self, n_voxels: int, dose_gy: np.ndarray | None = None) -> KernelTerm:
+        lo, hi = self._window()
+        return KernelTerm(CODE_VOXEL, 2.0 * self.weight / n_voxels, lo=lo, hi=hi)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"structure": self.structure, "kind": self.kind, "reference": self.reference, "side": self.side,
+             "weight": self.weight}
+        if self.uncertainty:
+            d.update(uncertainty=self.uncertainty, sigma0_gy=self.sigma0_gy)
+        return d
+
+    def describe(self) -> str:
+        return f"{self.structure} {self.kind} '{self.reference}' ({self.side}) (w {self.weight:g})"
+
+
 # ---------------------------------------------------------------------- spec reading
 #: Objective classes by kind.
 OBJECTIVE_KINDS: dict[str, type[Objective]] = {
-    cls.kind: cls for cls in (SquaredDeviation, SquaredUnderdose, SquaredOverdose, MaxDVH, MinDVH, MeanDose, GEUD)
+    cls.kind: cls for cls in (SquaredDeviation, SquaredUnderdose, SquaredOverdose, MaxDVH, MinDVH, MeanDose, GEUD,
+                              DoseMimicking)
 }
 
 #: Other spellings accepted for ``kind`` (pyRadPlan/matRad class names, normalised like the input).
@@ -362,7 +482,8 @@ def objective_from_dict(spec: dict[str, Any]) -> Objective:
 
     Keys: ``structure`` (name), ``kind`` (see :data:`OBJECTIVE_KINDS`; pyRadPlan names such as
     ``"Squared Overdosing"`` work too), ``dose_gy`` (Gy), ``volume_percent`` (%, DVH kinds),
-    ``a`` (gEUD), and ``weight`` (or its synonyms ``priority`` / ``penalty``; default 1).
+    ``a`` (gEUD), ``reference``/``side``/``uncertainty``/``sigma0_gy`` (dose mimicking), and
+    ``weight`` (or its synonyms ``priority`` / ``penalty``; default 1).
 
     :raises InvalidInputError: unknown kind, missing or unknown keys, or invalid values.
     """
@@ -379,14 +500,15 @@ def objective_from_dict(spec: dict[str, Any]) -> Objective:
                 raise InvalidInputError(f"Objective {spec!r} gives both 'weight' and '{synonym}'; give one")
             data["weight"] = data.pop(synonym)
     allowed = {"structure", "dose_gy", "weight"} | ({"volume_percent"} if issubclass(cls, MaxDVH) else set()) | (
-        {"a"} if cls is GEUD else set())
+        {"a"} if cls is GEUD else set()) | (
+        {"reference", "side", "uncertainty", "sigma0_gy"} if cls is DoseMimicking else set())
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise InvalidInputError(f"Objective {spec!r} has unknown key(s) {unknown}; a {kind} objective takes "
                                 f"{sorted(allowed)}")
     if "structure" not in data:
         raise InvalidInputError(f"Objective {spec!r} needs a 'structure' name")
-    if "dose_gy" not in data and cls not in (MeanDose, GEUD):
+    if "dose_gy" not in data and cls not in (MeanDose, GEUD, DoseMimicking):
         raise InvalidInputError(f"Objective {spec!r} needs a 'dose_gy' (Gy)")
     try:
         return cls(**data)

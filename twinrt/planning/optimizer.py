@@ -60,7 +60,7 @@ import numpy as np
 from twinrt.errors import InvalidInputError, StructureError
 from twinrt.model import Structure, StructureType
 from twinrt.planning.dij import DoseInfluence
-from twinrt.planning.objectives import CODE_WINDOW, KernelTerm, Objective
+from twinrt.planning.objectives import CODE_WINDOW, DoseMimicking, KernelTerm, Objective
 from twinrt.progress import CancelToken, ProgressCallback, report
 
 logger = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def _csr_matvec(indptr, cols, vals, w, n_rows):  # pragma: no cover - compiled
 
 @numba.njit(parallel=True, cache=True)
 def _fused_value_grad(indptr, cols, vals, w, y_pre, term_ptr, term_ids, t_code, t_coef, t_ref, t_lo, t_hi,
-                      t_vscale, t_pow, n_chunks, n_bix):  # pragma: no cover - compiled
+                      t_vscale, t_pow, p_ref, p_scale, n_chunks, n_bix):  # pragma: no cover - compiled
     """One pass over the CSR rows: dose d_r, voxel gradient g_r from the kernel terms (see
     objectives.KernelTerm), value, and the weight gradient Σ_r a_rj g_r accumulated per row chunk
     (chunks added in order afterwards, so the result does not depend on the thread count)."""
@@ -197,6 +197,11 @@ def _fused_value_grad(indptr, cols, vals, w, y_pre, term_ptr, term_ids, t_code, 
                         f += 0.5 * t_vscale[t] * t_coef[t] * diff * diff
                 elif code == 1:
                     g += t_coef[t]
+                elif code == 3:
+                    diff = d - p_ref[tt]
+                    if diff >= t_lo[t] and diff <= t_hi[t]:
+                        g += t_coef[t] * p_scale[tt] * diff
+                        f += 0.5 * t_vscale[t] * t_coef[t] * p_scale[tt] * diff * diff
                 elif d > 0.0:
                     g += t_coef[t] * d ** t_pow[t]
             if g != 0.0:
@@ -327,7 +332,8 @@ class _Problem:
     """The optimisation data: rows, terms, CSR; evaluates objective and gradient."""
 
     def __init__(self, dij: DoseInfluence, objectives: Sequence[Objective], voxels: dict[str, np.ndarray],
-                 max_dose_gy: Optional[float], cancel: Optional[CancelToken]):
+                 max_dose_gy: Optional[float], cancel: Optional[CancelToken],
+                 reference_doses: Optional[dict[str, np.ndarray]] = None):
         self.dij = dij
         self.cancel = cancel
         self.n_bix = dij.n_bixels
@@ -361,11 +367,20 @@ class _Problem:
         self.t_hi = np.full(self.n_terms, np.inf)
         self.t_vscale = np.ones(self.n_terms)
         self.t_pow = np.zeros(self.n_terms)
-        rows, terms = [], []
+        rows, terms, refs, scales = [], [], [], []
         for t, o in enumerate(self.objectives):
-            r = self.struct_rows[_key(o, voxels)]
+            key = _key(o, voxels)
+            r = self.struct_rows[key]
             rows.append(r)
             terms.append(np.full(r.size, t, np.int64))
+            if isinstance(o, DoseMimicking):
+                o.bind(*_voxel_reference(o, voxels[key], reference_doses or {}))
+                ref, scale = o.voxel_reference
+                refs.append(ref)
+                scales.append(scale)
+            else:
+                refs.append(np.zeros(r.size))
+                scales.append(np.ones(r.size))
             if not o.needs_structure_dose:
                 self._set_term(t, o.kernel_term(r.size))
         self.penalty_weight = 0.0
@@ -373,12 +388,17 @@ class _Problem:
             t = self.n_terms - 1
             rows.append(np.arange(self.n_rows))
             terms.append(np.full(self.n_rows, t, np.int64))
+            refs.append(np.zeros(self.n_rows))
+            scales.append(np.ones(self.n_rows))
             self.penalty_weight = MAX_DOSE_PENALTY * max([o.weight for o in self.objectives] + [1.0])
             self._set_penalty(self.penalty_weight)
         rows_a = np.concatenate(rows)
         terms_a = np.concatenate(terms)
         order = np.lexsort((terms_a, rows_a))
         self.term_ids = terms_a[order]
+        # Per (row, term) reference dose and scale: used only by voxel-wise terms (CODE_VOXEL).
+        self.pair_ref = np.concatenate(refs)[order]
+        self.pair_scale = np.concatenate(scales)[order]
         self.term_ptr = np.zeros(self.n_rows + 1, np.int64)
         np.cumsum(np.bincount(rows_a, minlength=self.n_rows), out=self.term_ptr[1:])
 
@@ -431,6 +451,8 @@ class _Problem:
         sel = np.repeat(self.term_ptr[:-1][self.row_ids], counts) + (
             np.arange(int(counts.sum())) - np.repeat(self.a_term_ptr[:-1], counts))
         self.a_term_ids = self.term_ids[sel]
+        self.a_pair_ref = self.pair_ref[sel]
+        self.a_pair_scale = self.pair_scale[sel]
 
     # .................................................................. objective
     def evaluate(self, w: np.ndarray) -> tuple[float, np.ndarray]:
@@ -453,7 +475,8 @@ class _Problem:
             y_pre = np.zeros(0)
         grad, fval = _fused_value_grad(indptr, cols, vals, w, y_pre, self.a_term_ptr, self.a_term_ids,
                                              self.t_code, self.t_coef, self.t_ref, self.t_lo, self.t_hi,
-                                             self.t_vscale, self.t_pow, N_CHUNKS, self.n_bix)
+                                             self.t_vscale, self.t_pow, self.a_pair_ref, self.a_pair_scale,
+                                             N_CHUNKS, self.n_bix)
         return value + fval, grad
 
     def objective_values(self, dose_flat: np.ndarray) -> list[float]:
@@ -465,6 +488,21 @@ class _Problem:
             return 0.0
         ex = np.maximum(dose_flat[self.universe] - self.max_dose_gy, 0.0)
         return self.penalty_weight * float(ex @ ex) / self.n_rows
+
+
+def _voxel_reference(o: "DoseMimicking", vox: np.ndarray,
+                     reference_doses: dict[str, np.ndarray]) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """The reference (and standard-deviation) doses of a dose-mimicking objective at its voxels."""
+    def flat(name: str, what: str) -> np.ndarray:
+        if name not in reference_doses:
+            known = ", ".join(sorted(reference_doses)) or "none"
+            raise InvalidInputError(f"The dose_mimicking objective on '{o.structure}' needs the {what} dose "
+                                    f"'{name}', which was not given (reference doses given: {known})")
+        return np.asarray(reference_doses[name], dtype=np.float64).reshape(-1)
+
+    ref = flat(o.reference, "reference")
+    std = flat(o.uncertainty, "uncertainty") if o.uncertainty else None
+    return ref[vox], (std[vox] if std is not None else None)
 
 
 def _key(o: Objective, voxels: dict[str, np.ndarray]) -> str:
@@ -482,7 +520,8 @@ def optimize_fluence(dij: DoseInfluence, structures: list[Structure], objectives
                      max_iter: int = 200, initial_weights: Optional[np.ndarray] = None,
                      smoothness_weight: float = 0.0, max_dose_gy: Optional[float] = None,
                      progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
-                     seed: int = 0, apply_overlap: bool = True, tolerance: float = 1e-9) -> OptimizationResult:
+                     seed: int = 0, apply_overlap: bool = True, tolerance: float = 1e-9,
+                     reference_doses: Optional[dict[str, np.ndarray]] = None) -> OptimizationResult:
     """Optimise non-negative bixel weights for the given objectives (method: module docstring).
 
     :param dij: dose-influence matrix (Gy per unit weight) on its dose grid.
@@ -501,6 +540,8 @@ def optimize_fluence(dij: DoseInfluence, structures: list[Structure], objectives
         on the inputs.
     :param apply_overlap: give each voxel only to the highest-priority structures containing it (matRad).
     :param tolerance: L-BFGS-B ``ftol``: stop when the objective's relative decrease per iteration is below it.
+    :param reference_doses: named doses (Gy) on the dij's dose grid ((k, j, i) or flat) that
+        ``dose_mimicking`` objectives refer to (e.g. ``{"predicted": ..., "predicted_std": ...}``).
     :return: :class:`OptimizationResult`.
     :raises StructureError: an objective's structure is missing, or empty on the dose grid.
     :raises InvalidInputError: no objective on a target, bad weights or parameters.
@@ -534,13 +575,21 @@ def optimize_fluence(dij: DoseInfluence, structures: list[Structure], objectives
         if w0.shape[0] != n_bix or not np.all(np.isfinite(w0)) or np.any(w0 < 0):
             raise InvalidInputError(f"initial_weights must be {n_bix} finite numbers >= 0 (one per bixel)")
 
+    refs: dict[str, np.ndarray] = {}
+    for name, arr in (reference_doses or {}).items():
+        a = np.asarray(arr, dtype=np.float64).reshape(-1)
+        if a.size != dij.matrix.shape[0]:
+            raise InvalidInputError(f"The reference dose '{name}' has {a.size} voxels; it must be on the dose grid "
+                                    f"of the dose-influence matrix ({dij.matrix.shape[0]} voxels): resample it first")
+        refs[name] = a
+
     report(progress, 0.0, "Preparing the optimisation", cancel)
     threads = numba.get_num_threads()
     if dij.matrix.nnz < SERIAL_BELOW_NNZ:
         numba.set_num_threads(1)
     try:
         return _optimize(dij, structures, objectives, targets, prescription, max_iter, w0, smoothness_weight,
-                         max_dose_gy, progress, cancel, apply_overlap, tolerance, t_start, timings)
+                         max_dose_gy, progress, cancel, apply_overlap, tolerance, t_start, timings, refs)
     finally:
         numba.set_num_threads(threads)
 
@@ -549,14 +598,14 @@ def _optimize(dij: DoseInfluence, structures: Sequence[Structure], objectives: S
               targets: list[Objective], prescription: float, max_iter: int, w0: Optional[np.ndarray],
               smoothness_weight: float, max_dose_gy: Optional[float], progress: Optional[ProgressCallback],
               cancel: Optional[CancelToken], apply_overlap: bool, tolerance: float, t_start: float,
-              timings: dict[str, float]) -> OptimizationResult:
+              timings: dict[str, float], reference_doses: Optional[dict[str, np.ndarray]] = None) -> OptimizationResult:
     """The body of :func:`optimize_fluence` after input checks (arguments as there)."""
     from scipy.optimize import minimize
 
     n_bix = dij.n_bixels
     voxels = _structure_voxels(dij, structures, objectives, apply_overlap)
     timings["masks_s"] = time.perf_counter() - t_start
-    prob = _Problem(dij, objectives, voxels, max_dose_gy, cancel)
+    prob = _Problem(dij, objectives, voxels, max_dose_gy, cancel, reference_doses)
     timings["setup_s"] = time.perf_counter() - t_start
 
     # Start weights and the dose-per-weight scale k of a uniform fluence over the targets.

@@ -260,6 +260,8 @@ class PlanningProblem:
     :param dij_stats: non-zeros, bytes and seconds of the dij.
     :param isocenter_mm: the isocentre used (LPS, mm).
     :param timings_s: seconds of ``rays_s`` and ``dij_s``.
+    :param reference_doses: named doses (Gy, resampled onto ``dose_grid``) that ``dose_mimicking``
+        objectives refer to; set with :meth:`set_reference_doses`.
     """
 
     case: Case
@@ -273,6 +275,19 @@ class PlanningProblem:
     dij_stats: dict[str, Any]
     isocenter_mm: tuple[float, float, float]
     timings_s: dict[str, float] = field(default_factory=dict)
+    reference_doses: dict[str, Dose] = field(default_factory=dict)
+
+    def set_reference_doses(self, doses: dict[str, Dose]) -> None:
+        """Store named reference doses (e.g. ``{"predicted": ..., "predicted_std": ...}``) on the dose grid.
+
+        Each is resampled trilinearly onto :attr:`dose_grid` (zero outside its own grid).
+        :raises InvalidInputError: a value that is not a :class:`~twinrt.model.Dose`.
+        """
+        for name, dose in doses.items():
+            if not isinstance(dose, Dose):
+                raise InvalidInputError(f"Reference dose '{name}' must be a Dose, got {type(dose).__name__}")
+        self.reference_doses.update({name: dose if dose.grid == self.dose_grid else dose.resampled(self.dose_grid)
+                                     for name, dose in doses.items()})
 
 
 def _sub_progress(progress: Optional[ProgressCallback], lo: float, hi: float) -> Optional[ProgressCallback]:
@@ -355,7 +370,8 @@ def optimize_problem(problem: PlanningProblem, objectives: Sequence[Objective | 
     return optimize_fluence(problem.dij, problem.structures, objs,
                             max_iter=setup.max_iter if max_iter is None else int(max_iter),
                             initial_weights=initial_weights, smoothness_weight=setup.smoothness_weight,
-                            max_dose_gy=setup.max_dose_gy, progress=progress, cancel=cancel)
+                            max_dose_gy=setup.max_dose_gy, progress=progress, cancel=cancel,
+                            reference_doses={n: d.array for n, d in problem.reference_doses.items()})
 
 
 def sequence_result(problem: PlanningProblem, opt: Any, objectives: Sequence[Objective | dict[str, Any]],
