@@ -26,6 +26,9 @@ Rules (in this order of priority: must > should > nice; the numbers are module c
   nice-goal improved in the last round; when no rule applies; after ``max_rounds``; or when the
   next round would exceed ``time_budget_s``. The round delivered is the best one: most must-goals
   met, then the highest score.
+* After leaf sequencing, target must-goals that the sequencing cost (typically a few tenths of a
+  Gy of D95%) are restored by plan normalisation: every MU × up to 1 + :data:`NORMALISE_MAX`, kept
+  only when more must-goals are met (or as many, with a higher score).
 
 The policy is deterministic: the same case, goals, set-up and objectives give the same trace
 (except its ``seconds``) and the same weights.
@@ -73,6 +76,10 @@ RELAX_FLOOR = 0.25
 IMPROVEMENT_TOL = 0.002
 #: Organs within this distance (mm) of a target count as pulling against its coverage.
 NEIGHBOUR_MM = 10.0
+#: Plan normalisation after sequencing: at most this much more MU (fraction) to restore target
+#: must-goals lost in leaf sequencing, aiming this fraction above the limit.
+NORMALISE_MAX = 0.03
+NORMALISE_HEADROOM = 0.001
 _DVH_KINDS = ("max_dvh", "min_dvh")
 
 
@@ -558,6 +565,48 @@ def find_conflicts(lookup: Callable[[str], Optional[Structure]], results: Sequen
     return out
 
 
+# ---------------------------------------------------------------------------------------- normalisation
+def _normalise_for_coverage(case: Case, goal_set: Any, lookup: Callable[[str], Optional[Structure]],
+                            planning: PlanningResult, results: Sequence[GoalResult],
+                            score: float) -> Optional[tuple[PlanningResult, list[GoalResult], float, bool, dict]]:
+    """Plan normalisation after sequencing: raise every MU a little when target must-goals fall short.
+
+    Leaf sequencing typically costs a few tenths of a Gy of coverage. When a failing must-goal is a
+    lower dose limit on a target and the MU needed to meet every such goal is at most
+    :data:`NORMALISE_MAX` more, the plan is scaled (dose is linear in MU) and kept only when it
+    meets more must-goals, or as many with a higher score. Returns ``None`` when nothing is done.
+    """
+    from twinrt.planning.workflow import normalise_result
+
+    needed = []
+    for r in results:
+        g = r.goal
+        s = lookup(g.structure)
+        if g.priority != "must" or r.passed is not False or g.comparator != ">=" or s is None:
+            continue
+        if s.type != StructureType.TARGET or not g.parsed_metric.is_dose or not r.value or r.value <= 0:
+            return None  # another kind of must failure: scaling up cannot fix it
+        needed.append(g.value / float(r.value))
+    if not needed:
+        return None
+    # A hair above the limit, so that rounding in the DVH does not leave it just short.
+    factor = max(needed) * (1.0 + NORMALISE_HEADROOM)
+    if factor > 1.0 + NORMALISE_MAX:
+        return None
+    scaled = normalise_result(planning, factor)
+    new, new_score, new_ok = evaluate_goals(case, scaled.dose, goal_set)
+    before, after = _musts_met(results), _musts_met(new)
+    accepted = after > before or (after == before and new_score > score)
+    step = {"step": "normalise", "factor": round(factor, 5), "accepted": accepted,
+            "reason": f"{len(needed)} target must-goal(s) short after leaf sequencing; every MU ×{factor:.4f} "
+                      f"meets {after} must-goal(s) instead of {before}"
+                      + ("" if accepted else "; not kept (no better)"),
+            "goals": [_result_dict(r) for r in new], "score": _round(new_score), "must_passed": new_ok}
+    if not accepted:
+        return planning, list(results), score, False, step
+    return scaled, new, new_score, new_ok, step
+
+
 # ---------------------------------------------------------------------------------------- the planner
 def _optimizable(problem: PlanningProblem) -> set[str]:
     """Lower-case names of structures with voxels left after the optimiser's overlap rule."""
@@ -675,9 +724,15 @@ def virtual_planner(case: Case, goals: Any, setup: Optional[PlanSetup] = None,
     timings["optimization_s"] = sum(float(r["opt"].time_s) for r in rounds)
     planning = sequence_result(problem, chosen["opt"], chosen["objectives"], label, timings, sub(0.95, 1.0), cancel)
     final, score, must_ok = evaluate_goals(case, planning.dose, goal_set)
-    conflicts = find_conflicts(lookup, final, chosen["results"], len(rounds))
     trace.append({"step": "sequenced", "round": best + 1, "goals": [_result_dict(r) for r in final],
                   "score": _round(score), "must_passed": must_ok, "stop_reason": stop_reason,
-                  "conflicts": [c["text"] for c in conflicts], "seconds": round(time.perf_counter() - t0, 3)})
+                  "seconds": round(time.perf_counter() - t0, 3)})
+    if not must_ok:
+        normalised = _normalise_for_coverage(case, goal_set, lookup, planning, final, score)
+        if normalised is not None:
+            planning, final, score, must_ok, step = normalised
+            trace.append(step)
+    conflicts = find_conflicts(lookup, final, chosen["results"], len(rounds))
+    trace[-1]["conflicts"] = [c["text"] for c in conflicts]
     return AgentResult(planning, chosen["objectives"], goal_list, final, chosen["results"], score, must_ok, trace,
                        conflicts, best + 1, len(rounds), stop_reason, time.perf_counter() - t_start)

@@ -203,6 +203,34 @@ def default_objectives(case: Case, prescriptions: Optional[Sequence[Prescription
     return objs
 
 
+def normalise_result(result: "PlanningResult", factor: float) -> "PlanningResult":
+    """The plan with every segment's MU (and so its dose) multiplied by ``factor``: plan normalisation.
+
+    Dose is linear in MU, so the sequenced dose, the delivered weights and the MU figures of the
+    sequencing report scale exactly; the ideal fluence (``weights``, ``optimized_dose``) is kept.
+    The report records ``normalisation_factor`` (cumulative).
+
+    :param result: a sequenced plan.
+    :param factor: the multiplier, > 0 (e.g. 1.01 raises every dose by 1 %).
+    :raises InvalidInputError: a factor that is not a finite number > 0.
+    """
+    from dataclasses import replace
+
+    f = float(factor)
+    if not (np.isfinite(f) and f > 0):
+        raise InvalidInputError(f"The normalisation factor must be a finite number > 0, got {factor!r}")
+    beams = [replace(b, segments=[replace(s, mu=s.mu * f) for s in b.segments]) if hasattr(b, "segments") else b
+             for b in result.plan.beams]
+    report = dict(result.sequencing)
+    report["total_mu"] = float(report.get("total_mu", 0.0)) * f
+    report["beams"] = [{**r, "total_mu": float(r.get("total_mu", 0.0)) * f} for r in report.get("beams", [])]
+    report["normalisation_factor"] = float(report.get("normalisation_factor", 1.0)) * f
+    d = result.dose
+    dose = Dose(d.array * np.float32(f), d.grid, d.name, d.dose_type, d.summation, d.source)
+    return replace(result, plan=replace(result.plan, beams=beams), dose=dose,
+                   delivered_weights=np.asarray(result.delivered_weights) * f, sequencing=report)
+
+
 @functools.lru_cache(maxsize=8)
 def mu_per_unit_weight(bixel_width_mm: float = 5.0, lateral_cutoff_mm: float = 50.0) -> float:
     """Monitor units (whole treatment) per unit bixel weight: the engine's dose calibration.
