@@ -667,6 +667,64 @@ class AIPlannerLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         report(progress, 1.0, "Plan ready")
         return created
 
+    def createPlanFromPrediction(self, inputVolume, inputSegmentation, targetSegments, prescriptionGy: float,
+                                 fractions: int, predictedDose, uncertaintyVolume=None, setup=None,
+                                 planLabel: str = "TwinRT KBP", progress=None, cancel=None) -> dict[str, Any]:
+        """Knowledge-based planning: a deliverable plan that follows a predicted dose (e.g. DosePredict's).
+
+        The prediction becomes voxel-wise dose-mimicking objectives (:mod:`twinrt.planning.kbp`):
+        targets not below it (coverage first), organs and body not above it; with an uncertainty
+        volume (Gy, per-voxel standard deviation) uncertain voxels pull less. The plan is written
+        like :meth:`createPlan`'s (same nodes; the objectives attribute holds the mimicking objectives).
+
+        :param predictedDose: the predicted dose volume (Gy; tagged as a dose or not).
+        :param uncertaintyVolume: its standard-deviation volume (Gy), or None.
+        :param setup, planLabel, progress, cancel: as :meth:`createPlan`; the other parameters too.
+        :return: what :meth:`createPlan` returns.
+        :raises InvalidInputError: no prediction, a prediction zero in a target or under a transform,
+            and what :meth:`createPlan` raises. The scene is unchanged on every error.
+        """
+        import numpy as np
+
+        from twinrt.errors import InvalidInputError
+        from twinrt.model import Dose, Prescription
+        from twinrt.planning.kbp import plan_from_prediction
+        from twinrt.progress import report
+
+        from TwinRTCommon import mrmlio
+
+        targetIds, targetNames = self._checkPlanInputs(inputVolume, inputSegmentation, targetSegments,
+                                                       prescriptionGy, fractions)
+        if predictedDose is None or not predictedDose.IsA("vtkMRMLScalarVolumeNode"):
+            raise InvalidInputError(_("Select the predicted dose volume (run DosePredict first)"))
+        setup = self._planSetup(setup)
+        self._checkIsocenter(setup, inputVolume)
+
+        def doseOf(node, name):
+            if node.GetParentTransformNode() is not None:
+                raise InvalidInputError(_("'{node}' is under a transform; harden or remove it first").format(
+                    node=node.GetName()))
+            array = np.array(slicer.util.arrayFromVolume(node), dtype=np.float32)
+            return Dose(array, mrmlio.volumeGrid(node), name,
+                        source=node.GetAttribute(mrmlio.DOSE_SOURCE_ATTRIBUTE) or "")
+
+        predicted = doseOf(predictedDose, "predicted")
+        std = doseOf(uncertaintyVolume, "predicted_std") if uncertaintyVolume is not None else None
+        report(progress, 0.0, "Reading the case from the scene", cancel)
+        case = self.sceneToCase(inputVolume.GetScene(), inputVolume, inputSegmentation)
+        prescriptions = [Prescription(name, float(prescriptionGy), int(fractions)) for name in targetNames]
+
+        def planProgress(fraction: float, text: str) -> None:
+            report(progress, min(0.05 + 0.8 * fraction, 0.85), text)
+
+        result = plan_from_prediction(case, predicted, std, setup, prescriptions, label=planLabel,
+                                      progress=planProgress if progress is not None else None, cancel=cancel)
+        report(progress, 0.85, "Writing the plan into the scene", cancel)
+        created = self.addPlanToScene(result, case, inputVolume, inputSegmentation, targetIds, prescriptions)
+        self.log(f"AIPlanner: plan from prediction '{predictedDose.GetName()}': {created['summary']}")
+        report(progress, 1.0, "Plan ready")
+        return created
+
     # ----------------------------------------------------------------------------- planning agent
     def createAgentPlan(self, inputVolume, inputSegmentation, targetSegments, prescriptionGy: float, fractions: int,
                         goalSet="head_and_neck_openkbp", setup=None, maxRounds: int = 4,
@@ -1280,7 +1338,8 @@ class AIPlannerTest(CaseModuleTestMixin, ScriptedLoadableModuleTest):
         """Run all tests of this module (Slicer's ctest and Reload and Test call only this)."""
         self.runCaseModuleTests(self.test_PlanInputs, self.test_PlanPhantom,
                                 self.test_PlanBadInputLeavesSceneUnchanged, self.test_PlanCancelled,
-                                self.test_AgentReviewPhantom, self.test_AgentLoopSamplePatient)
+                                self.test_AgentReviewPhantom, self.test_AgentLoopSamplePatient,
+                                self.test_PlanFromPredictionPhantom)
 
     def planSetup(self):
         """The beam set-up of the planning tests: five beams, coarse enough to plan in about a second."""
@@ -1343,6 +1402,40 @@ class AIPlannerTest(CaseModuleTestMixin, ScriptedLoadableModuleTest):
         with self.assertRaises(InvalidInputError) as context:
             planRecord.objectivesFromCells(cells[:1] + [["Organ", "hottest", "30", "", "1"]])
         self.assertIn("row 2", str(context.exception))
+        self.delayDisplay("Test passed")
+
+    def test_PlanFromPredictionPhantom(self):
+        """Knowledge-based planning: a dose volume in the scene (here a plan's, standing in for a prediction)."""
+        from twinrt.errors import InvalidInputError
+
+        from AIPlannerLib import planRecord
+        from TwinRTCommon import mrmlio
+
+        self.delayDisplay("Plan from a predicted dose")
+        logic = self.logicClass()
+        created = self.loadPlanningPhantom()
+        ct, segmentation, scene = created["ct"], created["segmentation"], slicer.mrmlScene
+        first = logic.createPlan(ct, segmentation, "PTV", 60.0, 30, self.planSetup())
+        predicted = first["plannedDose"]
+        before = self.sceneState(scene)
+        with self.assertRaises(InvalidInputError):
+            logic.createPlanFromPrediction(ct, segmentation, "PTV", 60.0, 30, None, setup=self.planSetup())
+        self.assertEqual(self.sceneState(scene), before)
+
+        kbp = logic.createPlanFromPrediction(ct, segmentation, "PTV", 60.0, 30, predicted, setup=self.planSetup())
+        self.assertNotEqual(kbp["plannedDose"].GetID(), predicted.GetID())
+        self.assertTrue(mrmlio.isDoseVolumeNode(kbp["plannedDose"]))
+        objectives = json.loads(kbp["beamsTable"].GetAttribute(planRecord.OBJECTIVES_ATTRIBUTE))
+        self.assertIn(("Organ", "dose_mimicking", "upper"),
+                      [(o["structure"], o["kind"], o.get("side")) for o in objectives])
+        from twinrt import dvh
+
+        case = logic.sceneToCase(scene, ct, segmentation)
+        # Organs follow the prediction "not above": the organ mean stays within 1 Gy of the predicted one.
+        mean = {key: dvh.structure_dvh(case.doses[plan["doseName"]], case.structure("Organ")).mean_gy
+                for key, plan in (("predicted", first), ("kbp", kbp))}
+        self.assertLess(mean["kbp"], mean["predicted"] + 1.0)
+        self.assertEqual(kbp["planningResult"].plan.approval, "UNAPPROVED")
         self.delayDisplay("Test passed")
 
     def test_PlanPhantom(self):
