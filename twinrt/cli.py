@@ -7,6 +7,7 @@
 ``twinrt dvh DIR``         print DVH metrics of a DICOM patient folder
 ``twinrt validate DIR``    check every DICOM file in a folder with dciodvfy
 ``twinrt make-sample``     (developers) rebuild the bundled sample from ../shared/data
+``twinrt dose-predict``    dose prediction: ``train``, ``evaluate-openkbp``, ``predict``, ``register``, ``models``
 
 Errors of bad input print one line starting with ``error:`` and exit with status 2.
 """
@@ -139,6 +140,123 @@ def _cmd_make_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dose_predict(args: argparse.Namespace) -> int:
+    """``twinrt dose-predict ...`` (issue 5): train, evaluate, predict, register and list models."""
+    action = args.dp_command
+    if action == "train":
+        from twinrt.dosepredict.config import load_config
+        from twinrt.dosepredict.train import train
+
+        config = load_config(args.config)
+        if args.epochs is not None:
+            config.train.epochs = args.epochs
+            config.validate()
+        command = f"twinrt dose-predict train --config {args.config} --out {args.out}"
+        command += f" --data {args.data}" if args.data else ""
+        command += f" --epochs {args.epochs}" if args.epochs is not None else ""
+        command += f" --max-patients {args.max_patients}" if args.max_patients is not None else ""
+        entry = train(config, args.data, args.out, max_patients=args.max_patients, command=command)
+        print("RESULT " + json.dumps({"model_id": entry["id"], "sha256": entry["sha256"],
+                                      "dose_score": entry["validation"]["dose_score"],
+                                      "dvh_score": entry["validation"]["dvh_score"],
+                                      "n_patients": entry["validation"]["n_patients"],
+                                      "seconds": entry["training"]["seconds_total"]}))
+        return 0
+    if action == "evaluate-openkbp":
+        from twinrt.dosepredict.evaluate import evaluate_openkbp
+
+        res = evaluate_openkbp(args.folder, args.model, args.limit, args.mc_samples)
+        summary = {k: res[k] for k in ("dose_score", "dvh_score", "n_patients", "seconds_per_patient", "model_id",
+                                       "sha256", "mc_samples")}
+        if args.json:
+            from twinrt.io_utils import write_text_atomic
+
+            write_text_atomic(args.json, json.dumps(res, indent=1) + "\n")
+            print(f"wrote {args.json}")
+        print("RESULT " + json.dumps(summary))
+        return 0
+    if action == "predict":
+        from twinrt.dicom.folder import export_case, import_case
+        from twinrt.dosepredict.predict import DosePredictor
+        from twinrt.model import Case
+
+        case = import_case(args.dicom_dir)
+        roi_map = None
+        if args.roi_map:
+            from twinrt.errors import InvalidInputError
+
+            bad = [item for item in args.roi_map if "=" not in item]
+            if bad:
+                raise InvalidInputError(f"--roi-map items must be MODEL_ROI=STRUCTURE, got {bad}")
+            roi_map = dict(item.split("=", 1) for item in args.roi_map)
+        res = DosePredictor(args.model).predict_case(case, roi_map, args.mc_samples, progress=_print_progress)
+        doses = {**case.doses, "predicted": res.dose}
+        if res.std is not None:
+            doses["predicted_std"] = res.std
+        export_case(Case(case.patient_id, case.ct, case.structures, doses, case.plans, dict(case.metadata)), args.out)
+        for w in res.warnings:
+            print(f"warning: {w}")
+        print(f"model {res.model_id} (sha256 {res.sha256}); structures: "
+              + ", ".join(f"{k}={v}" for k, v in res.roi_map.items()))
+        print(f"predicted dose max {res.dose.max_gy:.1f} Gy in {res.seconds:.1f} s; wrote {args.out}")
+        print(twinrt.RESEARCH_USE_ONLY)
+        return 0
+    if action == "register":
+        from twinrt.dosepredict.weights import register_model
+
+        path = register_model(args.entry, args.dest, args.default)
+        print(f"registered {args.entry} in {path}")
+        return 0
+    if action == "models":
+        from twinrt.dosepredict.weights import list_models, model_dirs
+
+        models = list_models()
+        print("searched: " + ", ".join(str(d) for d in model_dirs()))
+        for m in models:
+            v = m.get("validation", {})
+            print(f"{m['id']:<24} {m.get('version', ''):<8} {m.get('sizeMB', 0):6.1f} MB  dose score "
+                  f"{v.get('dose_score')}  DVH score {v.get('dvh_score')}  {m['folder']}")
+        if not models:
+            print("no dose-prediction model installed")
+        return 0
+    return 2
+
+
+def _add_dose_predict_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``dose-predict`` subcommand group."""
+    dp = sub.add_parser("dose-predict", help="AI dose prediction (3D U-Net trained on OpenKBP): train, evaluate, "
+                        "predict")
+    dps = dp.add_subparsers(dest="dp_command", required=True)
+    t = dps.add_parser("train", help="train a model on OpenKBP (writes <id>.pt and its manifest entry <id>.json)")
+    t.add_argument("--config", required=True, help="recipe JSON, or a shipped one by name (openkbp_unet_cpu)")
+    t.add_argument("--out", type=Path, required=True, help="output folder")
+    t.add_argument("--data", type=Path, default=None, help="OpenKBP folder with train/ and validation/ "
+                   "(default ../shared/data/openkbp)")
+    t.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    t.add_argument("--max-patients", type=int, default=None, help="use only the first N train and N validation "
+                   "patients (smoke runs)")
+    e = dps.add_parser("evaluate-openkbp", help="predict and score every pt_*.npz of a folder with the OpenKBP "
+                       "metrics; ends with a RESULT {json} line")
+    e.add_argument("folder", type=Path)
+    e.add_argument("--model", default=None, help="model id or .pt/.json path (default: the default model)")
+    e.add_argument("--limit", type=int, default=None, help="only the first N patients")
+    e.add_argument("--mc-samples", type=int, default=None, help="MC-dropout passes (default: the model's)")
+    e.add_argument("--json", type=Path, default=None, help="also write the full results (per patient) here")
+    p = dps.add_parser("predict", help="predict the dose of a DICOM patient folder and write it as RTDOSE")
+    p.add_argument("dicom_dir", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--model", default=None)
+    p.add_argument("--mc-samples", type=int, default=None)
+    p.add_argument("--roi-map", nargs="*", metavar="MODEL_ROI=STRUCTURE",
+                   help="override structure matching, e.g. PTV70=PTV_High RightParotid=Parotid_R")
+    r = dps.add_parser("register", help="install a trained model (<id>.json + weights) into a models folder")
+    r.add_argument("entry", type=Path, help="the <id>.json written by train")
+    r.add_argument("--dest", type=Path, default=None, help="models folder (default $TWINRT_MODELS_DIR or "
+                   "~/.twinrt/models; twinrt/dosepredict/models ships it)")
+    r.add_argument("--default", action="store_true", help="make it the folder's default model")
+    dps.add_parser("models", help="list the installed dose-prediction models")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``twinrt`` command."""
     p = argparse.ArgumentParser(prog="twinrt", description="TwinRT: AI radiotherapy toolkit. "
@@ -180,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("folder", type=Path)
     m = sub.add_parser("make-sample", help="(developers) rebuild the bundled sample from ../shared/data")
     m.add_argument("--out", type=Path, default=None)
+    _add_dose_predict_parser(sub)
     return p
 
 
@@ -203,6 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_validate(args)
         if args.command == "make-sample":
             return _cmd_make_sample(args)
+        if args.command == "dose-predict":
+            return _cmd_dose_predict(args)
     except TwinRTError as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 2
