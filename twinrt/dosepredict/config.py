@@ -268,6 +268,9 @@ class DosePredictConfig:
         if any(int(c) % div for c in crop):
             raise InvalidInputError(f"inputs.crop_shape {list(crop)} must be multiples of {div} "
                                     f"(the product of network.strides)")
+        if any(int(n) % div for n in self.inputs.eval_shape):
+            raise InvalidInputError(f"inputs.model_shape / inputs.downsample = {list(self.inputs.eval_shape)} must be "
+                                    f"multiples of {div} (the product of network.strides)")
         return self
 
     # ---------------------------------------------------------------- JSON

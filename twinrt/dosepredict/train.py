@@ -343,6 +343,8 @@ def train(config: DosePredictConfig, data_dir: str | Path | None, out_dir: str |
         "per_patient": {s.patient_id: {"dose_score": round(s.dose_score, 4), "dvh_score": round(s.dvh_score, 4)}
                         for s in scores},
         "seconds": round(time.perf_counter() - t_eval, 1),
+        "note": "the same split chose the checkpoint (every train.val_every epochs), so these figures are slightly "
+                "optimistic; the OpenKBP test split is not in ../shared/data",
     }
     entry["training"]["seconds_total"] = round(time.perf_counter() - t_start, 1)
     validate_entry(entry, str(entry_path))
