@@ -136,3 +136,38 @@ def test_metrics_do_not_depend_on_the_array_layout() -> None:
         assert kji.dvh_errors[k] == pytest.approx(flat.dvh_errors[k], abs=1e-4)
     # ~N(0, 3 Gy) noise: mean |error| is 3·sqrt(2/pi) ≈ 2.39 Gy, less where the clip at 0 Gy bites
     assert 1.5 < flat.dose_score < 2.4
+
+
+def test_cli_train_and_register(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from twinrt.cli import main
+    from twinrt.dosepredict.weights import list_models
+
+    cfg = smoke_config("cli-smoke")
+    cfg.train.epochs = 3
+    cfg.save(tmp_path / "recipe.json")
+    out = tmp_path / "out"
+    rc = main(["dose-predict", "train", "--config", str(tmp_path / "recipe.json"), "--out", str(out),
+               "--data", str(DATA / "openkbp"), "--epochs", "1", "--max-patients", "2"])
+    assert rc == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1][len("RESULT "):])
+    entry = json.loads((out / "cli-smoke.json").read_text())
+    assert result["sha256"] == entry["sha256"] and entry["training"]["epochs_run"] == 1
+    assert "--epochs 1" in entry["command"] and "--max-patients 2" in entry["command"]
+    monkeypatch.setenv("TWINRT_MODELS_DIR", str(tmp_path / "models"))
+    assert main(["dose-predict", "register", str(out / "cli-smoke.json")]) == 0
+    assert "cli-smoke" in {m["id"] for m in list_models()}
+    assert main(["dose-predict", "models"]) == 0
+    assert "cli-smoke" in capsys.readouterr().out
+
+
+def test_cancelled_training_writes_nothing(tmp_path: Path) -> None:
+    from twinrt.dosepredict.train import train
+    from twinrt.progress import CancelledError, CancelToken
+
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(CancelledError):
+        train(smoke_config(), DATA, tmp_path / "out", max_patients=2, cancel=token, log=None)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
