@@ -175,3 +175,24 @@ def test_normalisation_restores_target_coverage_lost_in_sequencing(agent_run):
             assert new_plan.sequencing["total_mu"] > planning.sequencing["total_mu"]
         else:
             assert out is None  # more than NORMALISE_MAX would be needed: left to the conflict report
+
+
+def test_normalisation_never_breaks_a_passing_must_goal(agent_run):
+    from twinrt.planning.agent import _Lookup, _goal_set, _normalise_for_coverage, evaluate_goals
+
+    case = phantom_case()
+    planning = agent_run.planning
+    d95 = agent_run.results[0].value
+    organ_max = evaluate_goals(case, planning.dose, [Goal("Organ", "Dmax", "<=", 1000.0, "must")])[0][0].value
+    # The organ's must-goal passes with 0.5 % to spare; the target needs 1 % more: normalisation is
+    # capped below 1.005, so the organ still passes and the target is still short.
+    goals = [Goal("PTV", "D95%", ">=", round(d95 * 1.01, 3), "must"),
+             Goal("Organ", "Dmax", "<=", round(organ_max * 1.005, 3), "must")]
+    gs = _goal_set(goals)
+    results, score, _ = evaluate_goals(case, planning.dose, gs)
+    assert results[0].passed is False and results[1].passed
+    out = _normalise_for_coverage(case, gs, _Lookup(case, gs), planning, results, score)
+    assert out is not None
+    new_plan, new_results, _, _, step = out
+    assert 1.0 < step["factor"] < 1.005 and "capped" in step["reason"]
+    assert new_results[1].passed

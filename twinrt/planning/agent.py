@@ -27,8 +27,9 @@ Rules (in this order of priority: must > should > nice; the numbers are module c
   next round would exceed ``time_budget_s``. The round delivered is the best one: most must-goals
   met, then the highest score.
 * After leaf sequencing, target must-goals that the sequencing cost (typically a few tenths of a
-  Gy of D95%) are restored by plan normalisation: every MU × up to 1 + :data:`NORMALISE_MAX`, kept
-  only when more must-goals are met (or as many, with a higher score).
+  Gy of D95%) are restored by plan normalisation: every MU × up to 1 + :data:`NORMALISE_MAX`, never
+  so far that a must-goal that passes fails, kept only when more must-goals are met (or as many,
+  with a higher score).
 
 The policy is deterministic: the same case, goals, set-up and objectives give the same trace
 (except its ``seconds``) and the same weights.
@@ -574,7 +575,9 @@ def _normalise_for_coverage(case: Case, goal_set: Any, lookup: Callable[[str], O
     Leaf sequencing typically costs a few tenths of a Gy of coverage. When a failing must-goal is a
     lower dose limit on a target and the MU needed to meet every such goal is at most
     :data:`NORMALISE_MAX` more, the plan is scaled (dose is linear in MU) and kept only when it
-    meets more must-goals, or as many with a higher score. Returns ``None`` when nothing is done.
+    meets more must-goals, or as many with a higher score. A must-goal that passes before is never
+    given up for it: the factor is capped so that it still passes (partial normalisation).
+    Returns ``None`` when nothing is done.
     """
     from twinrt.planning.workflow import normalise_result
 
@@ -593,14 +596,33 @@ def _normalise_for_coverage(case: Case, goal_set: Any, lookup: Callable[[str], O
     factor = max(needed) * (1.0 + NORMALISE_HEADROOM)
     if factor > 1.0 + NORMALISE_MAX:
         return None
-    scaled = normalise_result(planning, factor)
-    new, new_score, new_ok = evaluate_goals(case, scaled.dose, goal_set)
-    before, after = _musts_met(results), _musts_met(new)
+    # Never at the price of a must-goal that passes now: dose upper limits cap the factor (dose is
+    # linear in MU); other kinds (volumes) are checked on the scaled dose, halving the step if broken.
+    passing = [r for r in results if r.goal.priority == "must" and r.passed]
+    caps = [r.goal.value / float(r.value) for r in passing
+            if r.goal.comparator == "<=" and r.goal.parsed_metric.is_dose and r.value and r.value > 0]
+    capped = bool(caps) and min(caps) * (1.0 - NORMALISE_HEADROOM) < factor
+    if capped:
+        factor = min(caps) * (1.0 - NORMALISE_HEADROOM)
+    before = _musts_met(results)
+    passing_ids = {id(r) for r in passing}
+    for _ in range(4):
+        if factor <= 1.0:
+            return None
+        scaled = normalise_result(planning, factor)
+        new, new_score, new_ok = evaluate_goals(case, scaled.dose, goal_set)
+        broken = [r.goal.describe() for r, n in zip(results, new) if id(r) in passing_ids and n.passed is False]
+        if not broken:
+            break
+        factor = 1.0 + 0.5 * (factor - 1.0)
+    else:
+        return None
+    after = _musts_met(new)
     accepted = after > before or (after == before and new_score > score)
     step = {"step": "normalise", "factor": round(factor, 5), "accepted": accepted,
-            "reason": f"{len(needed)} target must-goal(s) short after leaf sequencing; every MU ×{factor:.4f} "
-                      f"meets {after} must-goal(s) instead of {before}"
-                      + ("" if accepted else "; not kept (no better)"),
+            "reason": f"{len(needed)} target must-goal(s) short after leaf sequencing; every MU ×{factor:.4f}"
+                      f"{' (capped by the must-goals that pass)' if capped else ''} meets {after} must-goal(s) "
+                      f"instead of {before}" + ("" if accepted else "; not kept (no better)"),
             "goals": [_result_dict(r) for r in new], "score": _round(new_score), "must_passed": new_ok}
     if not accepted:
         return planning, list(results), score, False, step
