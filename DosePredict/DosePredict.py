@@ -166,6 +166,8 @@ class DosePredictWidget(CaseModuleWidgetMixin, ScriptedLoadableModuleWidget, VTK
         self.ui.suggestMappingButton.connect("clicked(bool)", self.onSuggestMappingButton)
         self.ui.modelSelector.connect("currentIndexChanged(int)", self.onModelSelected)
         self.ui.refreshModelsButton.connect("clicked(bool)", self.refreshModels)
+        self.ui.importModelButton.connect("clicked(bool)", self.onImportModelButton)
+        self.ui.openModelsFolderButton.connect("clicked(bool)", self.onOpenModelsFolderButton)
         self.refreshModels()
         self.onSegmentationChanged(self.ui.inputSegmentationSelector.currentNode())
 
@@ -205,6 +207,28 @@ class DosePredictWidget(CaseModuleWidgetMixin, ScriptedLoadableModuleWidget, VTK
         if self._parameterNode is not None and index >= 0:
             self._parameterNode.modelId = self._models[index - 1]["id"] if index > 0 else ""
         self.showModelLicense()
+
+    def onImportModelButton(self) -> None:
+        """Install a model from its files (STYLE.md section 7: downloads are often blocked)."""
+        import qt
+
+        path = qt.QFileDialog.getOpenFileName(self.parent, _("Import dose model"), "",
+                                              _("Model manifest entry (*.json)"))
+        if not path:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to import the dose model."), waitCursor=True):
+            entry = self.logic.importModel(path)
+            self.refreshModels()
+            self._parameterNode.modelId = entry["id"]
+            self.refreshModels()
+
+    def onOpenModelsFolderButton(self) -> None:
+        """Show the models folder in the file browser (created when missing)."""
+        import qt
+
+        folder = self.logic.modelsFolder()
+        folder.mkdir(parents=True, exist_ok=True)
+        qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(folder)))
 
     def showModelLicense(self) -> None:
         """The selected model's license and training data (STYLE.md section 7)."""
@@ -412,6 +436,29 @@ class DosePredictLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
                 else:
                     os.environ[MODELS_DIR_ENV] = previous
 
+    def modelsFolder(self) -> Path:
+        """The installed models' folder: :attr:`modelsDirectory`, else $TWINRT_MODELS_DIR, else ~/.twinrt/models."""
+        from twinrt.dosepredict.weights import user_models_dir
+
+        return Path(self.modelsDirectory).expanduser() if self.modelsDirectory else user_models_dir()
+
+    def importModel(self, entryPath, makeDefault: bool = False) -> dict[str, Any]:
+        """Install a model from files (behind a firewall, a model trained elsewhere) into :meth:`modelsFolder`.
+
+        :param entryPath: the model's manifest entry ``<id>.json``, its weights file beside it.
+        :param makeDefault: make it the default model (the first model installed always is).
+        :return: the installed model's entry.
+        :raises MissingInputError: no such file; :raises WeightsIntegrityError: weights whose sha256
+            differs from the entry; :raises InvalidInputError: not a manifest entry.
+        """
+        from twinrt.dosepredict.weights import register_model
+
+        # register_model validates the entry and the weights' sha256 before it copies anything.
+        register_model(entryPath, self.modelsFolder(), make_default=makeDefault)
+        entry = json.loads(Path(entryPath).read_text(encoding="utf-8"))
+        self.log(f"DosePredict: installed model {entry['id']} {entry.get('version', '')} into {self.modelsFolder()}")
+        return next(m for m in self.availableModels() if m["id"] == entry["id"])
+
     # ------------------------------------------------------------------------------- ROI mapping
     @staticmethod
     def modelRois() -> list[str]:
@@ -557,6 +604,8 @@ class DosePredictLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
             ``modelVersion``, ``sha256``, ``mcSamples``, ``seconds``, ``researchUseOnly``.
         :raises: see :meth:`predictDose`.
         """
+        import dataclasses
+
         import numpy as np
 
         from twinrt.errors import StructureError
@@ -579,6 +628,9 @@ class DosePredictLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         # The body structure, when the case has one, bounds the dose; else the worker thresholds the CT.
         bodies = [s for s in case.structures if s.type == StructureType.EXTERNAL and not s.is_empty]
         possibleDoseMask = bodies[0].mask if bodies else None
+        # The worker needs only the mapped structures (a CT-sized mask each).
+        exported = dataclasses.replace(case, structures=[s for s in case.structures if s.name in mapping.values()],
+                                       doses={}, plans=[])
 
         def workerProgress(fraction: float, text: str) -> None:
             report(progress, 0.05 + 0.85 * fraction, text)
@@ -593,7 +645,7 @@ class DosePredictLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         with tempfile.TemporaryDirectory(prefix="TwinRT-DosePredict-") as folder:
             inputPath, outputPath = Path(folder) / "input.npz", Path(folder) / "output.npz"
             report(progress, 0.02, "Writing the worker input", cancel)
-            worker.writeInput(inputPath, case, possibleDoseMask)
+            worker.writeInput(inputPath, exported, possibleDoseMask)
             process.runWorker(["--input", str(inputPath), "--output", str(outputPath)] + arguments,
                               workerProgress if progress is not None else None, cancel, self.logCallback)
             output = worker.readOutput(outputPath)
@@ -828,7 +880,8 @@ def makeTinyModel() -> dict:
     second after torch has loaded. Built with the core's own functions (``save_model``,
     ``register_model``) and registered as the folder's default model.
 
-    :return: ``modelsDirectory``, ``modelId`` and ``weights`` (the registered ``.pt`` file).
+    :return: ``modelsDirectory``, ``modelId``, ``weights`` (the registered ``.pt`` file) and ``entry``
+        (the manifest entry ``save_model`` wrote, before registration).
     """
     if _TINY_MODEL:
         return _TINY_MODEL
@@ -856,7 +909,7 @@ def makeTinyModel() -> dict:
                                    data={"name": "none (random weights, tests only)", "citation": ""})
     register_model(entryPath, folder / "models", make_default=True)
     _TINY_MODEL.update(modelsDirectory=str(folder / "models"), modelId=config.model_id,
-                       weights=folder / "models" / f"{config.model_id}.pt")
+                       weights=folder / "models" / f"{config.model_id}.pt", entry=entryPath)
     return _TINY_MODEL
 
 
@@ -918,7 +971,8 @@ class DosePredictTest(CaseModuleTestMixin, ScriptedLoadableModuleTest):
 
     def runTest(self):
         """Run all tests of this module (Slicer's ctest and Reload and Test call only this)."""
-        self.runCaseModuleTests(self.test_RoiMapping, self.test_PredictDose, self.test_PredictSamplePatient,
+        self.runCaseModuleTests(self.test_RoiMapping, self.test_ModelsFolder, self.test_PredictDose,
+                                self.test_PredictSamplePatient,
                                 self.test_PredictBadInputLeavesSceneUnchanged, self.test_PredictCancelled,
                                 self.test_WorkerErrors)
 
@@ -1000,6 +1054,31 @@ class DosePredictTest(CaseModuleTestMixin, ScriptedLoadableModuleTest):
             logic.checkRoiMapping(segmentation, {"SpinalCord": "Spinal Cord"})
         for target in ("PTV56", "PTV63", "PTV70"):
             self.assertIn(target, str(context.exception))
+        self.delayDisplay("Test passed")
+
+    def test_ModelsFolder(self):
+        """Models are listed from the models folder and imported into it from files (sha256 checked)."""
+        from twinrt.dosepredict.weights import WeightsIntegrityError
+
+        self.delayDisplay("Models folder")
+        model = makeTinyModel()
+        logic = self.logicClass()
+        with tempfile.TemporaryDirectory() as folder:
+            logic.modelsDirectory = str(Path(folder) / "models")
+            self.assertEqual(logic.modelsFolder(), Path(folder) / "models")
+            self.assertNotIn(model["modelId"], [m["id"] for m in logic.availableModels()])
+            entry = logic.importModel(model["entry"])
+            self.assertEqual(entry["id"], model["modelId"])
+            self.assertIn("license", entry)
+            self.assertIn(model["modelId"], [m["id"] for m in logic.availableModels()])
+            self.assertTrue((Path(folder) / "models" / f"{model['modelId']}.pt").is_file())
+            # A weights file that does not match its entry is refused.
+            broken = Path(folder) / "broken"
+            broken.mkdir()
+            (broken / Path(model["entry"]).name).write_text(Path(model["entry"]).read_text())
+            (broken / f"{model['modelId']}.pt").write_bytes(b"not the weights")
+            with self.assertRaises(WeightsIntegrityError):
+                logic.importModel(broken / Path(model["entry"]).name)
         self.delayDisplay("Test passed")
 
     def test_PredictDose(self):

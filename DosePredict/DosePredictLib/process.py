@@ -195,7 +195,9 @@ class WorkerProcess:
                 kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
             else:
                 kwargs["start_new_session"] = True  # its own process group: killpg stops the tree
-            self.proc = subprocess.Popen(self.command, env=workerEnvironment(self.environment),
+            # Both ends agree on UTF-8 here (the worker's messages may hold characters such as "³").
+            environment = workerEnvironment({"PYTHONIOENCODING": "utf-8", **(self.environment or {})})
+            self.proc = subprocess.Popen(self.command, env=environment,
                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                          encoding="utf-8", errors="replace", bufsize=1, **kwargs)
             self._ownGroup = True
@@ -236,7 +238,15 @@ class WorkerProcess:
     # -------------------------------------------------------------------------------------- run
     def _readOutput(self, lines: queue.Queue) -> None:
         try:
-            for line in self.proc.stdout:
+            while True:
+                try:
+                    line = self.proc.stdout.readline()
+                except UnicodeDecodeError:
+                    # launchConsoleProcess decodes with the locale's encoding; a line it cannot decode
+                    # is dropped, and reading goes on so the pipe never fills up and blocks the worker.
+                    continue
+                if not line:
+                    break
                 lines.put(line.rstrip("\r\n"))
         except (OSError, ValueError):
             pass  # the pipe closed under us (killed)

@@ -117,12 +117,27 @@ def _loadNpz(path: str | os.PathLike, keys: tuple[str, ...], what: str) -> dict[
     return arrays
 
 
+def _packMasks(masks: np.ndarray) -> np.ndarray:
+    """(n, k, j, i) bool -> (n, ceil(k*j*i / 8)) uint8: a CT-sized mask costs one bit per voxel, not a byte."""
+    return np.packbits(masks.reshape(masks.shape[0], -1), axis=1)
+
+
+def _unpackMasks(packed: np.ndarray, count: int, shape: tuple[int, ...]) -> np.ndarray:
+    from twinrt.errors import GeometryError
+
+    voxels = int(np.prod(shape))
+    if packed.ndim != 2 or packed.shape[0] != count or packed.shape[1] != (voxels + 7) // 8:
+        raise GeometryError(f"The worker input holds packed masks of shape {packed.shape}; expected {count} masks "
+                            f"of {shape} voxels")
+    return np.unpackbits(packed, axis=1, count=voxels).reshape((count,) + tuple(shape)).astype(bool)
+
+
 def writeInput(path: str | os.PathLike, case, possibleDoseMask: Optional[np.ndarray] = None) -> None:
     """Write what the worker needs of a case: CT, grid, structures, prescriptions.
 
     :param path: the npz file to write.
-    :param case: a :class:`twinrt.model.Case`; its structures must be on the CT grid (as
-        ``sceneToCase`` returns them).
+    :param case: a :class:`twinrt.model.Case` (structures not on the CT grid are resampled onto it);
+        the Logic passes only the structures the ROI mapping uses.
     :param possibleDoseMask: optional (k, j, i) bool mask of the voxels that may receive dose;
         without one the worker uses the body thresholded from the CT.
     """
@@ -143,7 +158,7 @@ def writeInput(path: str | os.PathLike, case, possibleDoseMask: Optional[np.ndar
         "spacing": np.asarray(grid.spacing_mm, dtype=float),
         "origin": np.asarray(grid.origin_mm, dtype=float),
         "direction": np.asarray(grid.direction, dtype=float),
-        "masks": masks,
+        "masks": _packMasks(masks),
         # An (n,) unicode array; np.asarray of an empty list would be float, hence the dtype.
         "names": np.asarray([s.name for s in case.structures], dtype=str),
         "types": np.asarray([s.type.name for s in case.structures], dtype=str),
@@ -151,7 +166,7 @@ def writeInput(path: str | os.PathLike, case, possibleDoseMask: Optional[np.ndar
         "metadata": _text(json.dumps(metadata)),
     }
     if possibleDoseMask is not None:
-        arrays["possible_dose_mask"] = np.asarray(possibleDoseMask, dtype=bool)
+        arrays["possible_dose_mask"] = _packMasks(np.asarray(possibleDoseMask, dtype=bool)[None])
     _saveNpz(path, arrays)
 
 
@@ -173,10 +188,9 @@ def readInput(path: str | os.PathLike):
         raise GeometryError(f"The worker input's CT has shape {ct.shape}, its grid says {shape}")
     names = [str(n) for n in arrays["names"]]
     types = [str(t) for t in arrays["types"]]
-    masks = arrays["masks"]
-    if masks.shape != (len(names),) + shape or len(types) != len(names):
-        raise GeometryError(f"The worker input holds {len(names)} structure names, {len(types)} types and masks "
-                            f"of shape {masks.shape}; expected one (k, j, i) = {shape} mask per name")
+    if len(types) != len(names):
+        raise GeometryError(f"The worker input holds {len(names)} structure names but {len(types)} types")
+    masks = _unpackMasks(arrays["masks"], len(names), shape)
     structures = [Structure(name, masks[index].astype(bool), grid,
                             type=StructureType[types[index]] if types[index] in StructureType.__members__
                             else StructureType.guess(name))
@@ -190,10 +204,7 @@ def readInput(path: str | os.PathLike):
     metadata["prescriptions"] = prescriptions
     possibleDoseMask = arrays.get("possible_dose_mask")
     if possibleDoseMask is not None:
-        if possibleDoseMask.shape != shape:
-            raise GeometryError(f"The worker input's possible-dose mask has shape {possibleDoseMask.shape}, the CT "
-                                f"{shape}")
-        possibleDoseMask = possibleDoseMask.astype(bool)
+        possibleDoseMask = _unpackMasks(possibleDoseMask, 1, shape)[0]
         # The core reads the mask from here (twinrt.dosepredict.inputs.prepare_case).
         metadata["possible_dose_mask"] = possibleDoseMask
     return Case(patientId, Image(ct, grid, "CT"), structures, {}, [], metadata), possibleDoseMask

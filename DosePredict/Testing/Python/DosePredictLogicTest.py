@@ -1,6 +1,8 @@
 """DosePredict headless: its DosePredictTest methods, descriptor, parameter node, Widget plumbing, .ui, icon, CMake.
 
-Every check is in Testing/Python/module_checks.py (ModuleChecks), written once for the five modules.
+The module checks are in Testing/Python/module_checks.py (ModuleChecks), written once for the five modules.
+Below them: the SlicerRT dose engine's guard, the process runner (cancel kills the process tree, heartbeat,
+crash, slicer.util.launchConsoleProcess headless) and the worker's npz format.
 """
 
 import sys
@@ -142,3 +144,30 @@ def test_slicerLauncherPathHeadless(slicerScene):
     assert calls[-1] == (1.0, "done")
     # Without psutil the default is the process-group path, which can kill the tree.
     assert process.WorkerProcess(["x"]).useSlicerLauncher is (process.psutilModule() is not None)
+
+
+def test_workerInputRoundTrip(tmp_path):
+    """The npz the Logic writes is the case the worker reads: CT, oblique grid, packed masks, types, Rx."""
+    import numpy as np
+
+    import slicer_harness
+
+    slicer_harness.addSourcePaths()
+    from DosePredictLib import worker
+    from TwinRTCommon.testing import makeSyntheticCase
+
+    case = makeSyntheticCase(obliqueDirection=True)
+    body = case.structure("BODY").mask
+    worker.writeInput(tmp_path / "in.npz", case, body)
+    back, possibleDoseMask = worker.readInput(tmp_path / "in.npz")
+    assert back.patient_id == case.patient_id
+    assert np.array_equal(back.ct.array, case.ct.array) and back.ct.grid == case.ct.grid
+    assert [(s.name, s.type) for s in back.structures] == [(s.name, s.type) for s in case.structures]
+    for original, read in zip(case.structures, back.structures):
+        assert np.array_equal(original.mask, read.mask), original.name
+    assert back.prescriptions == case.prescriptions
+    assert np.array_equal(possibleDoseMask, body)
+    assert np.array_equal(back.metadata["possible_dose_mask"], body)
+    # Without a possible-dose mask the worker thresholds the body itself.
+    worker.writeInput(tmp_path / "nomask.npz", case)
+    assert worker.readInput(tmp_path / "nomask.npz")[1] is None
