@@ -119,7 +119,8 @@ def _loadNpz(path: str | os.PathLike, keys: tuple[str, ...], what: str) -> dict[
 
 def _packMasks(masks: np.ndarray) -> np.ndarray:
     """(n, k, j, i) bool -> (n, ceil(k*j*i / 8)) uint8: a CT-sized mask costs one bit per voxel, not a byte."""
-    return np.packbits(masks.reshape(masks.shape[0], -1), axis=1)
+    # An explicit size: reshape(0, -1) is ambiguous for a case without structures.
+    return np.packbits(masks.reshape(masks.shape[0], int(np.prod(masks.shape[1:]))), axis=1)
 
 
 def _unpackMasks(packed: np.ndarray, count: int, shape: tuple[int, ...]) -> np.ndarray:
