@@ -651,7 +651,7 @@ def isDoseVolumeNode(node) -> bool:
 
 
 def findCtVolume(scene):
-    """The CT of a scene: the volume tagged ``TwinRT.Role = CT``, else the only non-dose volume.
+    """The CT of a scene: the volume tagged ``TwinRT.Role = CT``, else the only non-dose volume without a role.
 
     :raises MissingInputError: when the scene has no CT volume.
     :raises InvalidInputError: when several volumes qualify (pass the CT explicitly).
@@ -661,7 +661,8 @@ def findCtVolume(scene):
     # Scenes written by caseToScene say which volume is the CT; scenes loaded by SlicerRT's DICOM
     # import do not, and then the only non-dose volume is the CT.
     tagged = [n for n in volumes if n.GetAttribute(ROLE_ATTRIBUTE) == ROLE_CT]
-    candidates = tagged or volumes
+    # Volumes TwinRT made with another role (e.g. a dose uncertainty) are never CT candidates.
+    candidates = tagged or [n for n in volumes if not n.GetAttribute(ROLE_ATTRIBUTE)]
     if not candidates:
         raise MissingInputError("The scene has no CT volume; load a CT (or a TwinRT scene) first")
     if len(candidates) > 1:
