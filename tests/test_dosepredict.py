@@ -399,6 +399,16 @@ def test_predict_case_needs_a_target_and_warns_about_orientation(tmp_path: Path)
     assert mapped.roi_map == {"PTV63": "PTV56"}
 
 
+def test_only_openkbp_like_grids_are_used_without_resampling() -> None:
+    from twinrt.dosepredict.inputs import is_model_grid
+
+    assert is_model_grid(Grid((128, 128, 128), (3.906, 3.906, 2.5)), (128, 128, 128))
+    assert not is_model_grid(Grid((128, 128, 128), (1.0, 1.0, 1.0)), (128, 128, 128))  # 128 mm field of view
+    assert not is_model_grid(Grid((128, 128, 128), (3.9, 3.9, 2.5), direction=np.diag([-1.0, 1, -1])),
+                             (128, 128, 128))
+    assert not is_model_grid(Grid((100, 128, 128), (3.9, 3.9, 2.5)), (128, 128, 128))
+
+
 def test_model_grid_is_centred_on_the_point() -> None:
     g = model_grid_around(np.array([10.0, -20.0, 30.0]), (128, 128, 128))
     centre = g.index_to_lps(np.array([63.5, 63.5, 63.5]))

@@ -291,9 +291,17 @@ def body_mask(ct_hu: np.ndarray, threshold_hu: float = BODY_THRESHOLD_HU) -> np.
     return ndimage.binary_fill_holes(m)
 
 
+#: Voxel sizes (mm) of the OpenKBP training grids, widened a little: (in-plane, slice) ranges.
+OPENKBP_SPACING_RANGE_MM = ((2.5, 5.5), (1.25, 3.5))
+
+
 def is_model_grid(grid: Grid, shape: Sequence[int]) -> bool:
-    """True when ``grid`` already is a model grid: the model shape and an identity direction."""
-    return tuple(grid.shape) == tuple(shape) and np.allclose(grid.direction, np.eye(3), atol=1e-4)
+    """True when ``grid`` can be used as it is: the model shape, an identity direction and OpenKBP-like
+    voxel sizes (:data:`OPENKBP_SPACING_RANGE_MM`)."""
+    (lo_xy, hi_xy), (lo_z, hi_z) = OPENKBP_SPACING_RANGE_MM
+    di, dj, dk = grid.spacing_mm
+    return (tuple(grid.shape) == tuple(shape) and np.allclose(grid.direction, np.eye(3), atol=1e-4)
+            and lo_xy <= di <= hi_xy and lo_xy <= dj <= hi_xy and lo_z <= dk <= hi_z)
 
 
 def model_grid_around(center_lps: np.ndarray, shape: Sequence[int] = (128, 128, 128),
