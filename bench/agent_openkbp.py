@@ -15,6 +15,12 @@ Needs ../shared/data. Usage::
 Defaults: dose on the CT grid (so the plan is evaluated like the reference dose, without the
 trilinear blur of a coarser grid) and 20 intensity levels for leaf sequencing.
 
+Some OpenKBP patients lack an organ the clinical goal set requires (e.g. no Brainstem contour):
+the benchmark makes every structure but PTV70 optional, so that those goals are reported as not
+evaluable instead of refusing the patient (the shipped goal set itself stays strict). With
+``--jsonl FILE`` each patient's result is appended as it finishes, and ``--start N`` skips the
+first N patients (to resume an interrupted run).
+
 Ends with one line ``RESULT {json}`` holding ``share_patients_must_goals_kept``,
 ``goals_met_auto``, ``goals_met_reference`` and ``seconds_per_plan`` (and per-patient details).
 """
@@ -31,6 +37,8 @@ import numpy as np
 
 from twinrt.data import load_openkbp, openkbp_patients, shared_data_dir
 from twinrt.planning.agent import virtual_planner
+from dataclasses import replace
+
 from twinrt.planning.evaluation import evaluate_plan, load_goal_set
 from twinrt.planning.workflow import PlanSetup
 
@@ -83,19 +91,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--time-budget-s", type=float, default=170.0,
                    help="virtual-planner budget per plan (s); the issue's target is 3 minutes")
     p.add_argument("--json", help="also write the full result to this file")
+    p.add_argument("--jsonl", help="append each patient's result to this file as it finishes")
+    p.add_argument("--start", type=int, default=0, help="skip the first N patients (resume)")
     args = p.parse_args(argv)
     if shared_data_dir() is None:
         print("../shared/data not found: set TWINRT_SHARED_DATA", file=sys.stderr)
         return 2
-    goal_set = load_goal_set("head_and_neck_openkbp")
+    strict = load_goal_set("head_and_neck_openkbp")
+    names = list(dict.fromkeys(g.structure for g in strict.goals))
+    goal_set = replace(strict, optional_structures=[n for n in names if n != "PTV70"])
     paths = openkbp_patients("validation")
     paths = [q for q in paths if q.stem == args.patient] if args.patient else paths[:args.patients]
+    paths = paths[args.start:]
     grid_mm = None if str(args.dose_grid_mm).lower() == "ct" else float(args.dose_grid_mm)
     setup = PlanSetup.equispaced(9, dose_grid_mm=grid_mm, max_iter=args.max_iter, levels=args.levels)
     results = []
     for path in paths:
         r = run_patient(path, goal_set, setup, args.max_rounds, args.time_budget_s)
         results.append(r)
+        if args.jsonl:
+            with open(args.jsonl, "a") as fh:
+                fh.write(json.dumps({k: v for k, v in r.items() if k != "trace"}, default=str) + "\n")
         print(f"\n== {r['patient']}: {r['seconds']:.1f} s, {r['rounds']} round(s), delivered round {r['best_round']} "
               f"({r['stop_reason']}); goals met auto {r['goals_met_auto']}/{r['goals_evaluable']}, reference "
               f"{r['goals_met_reference']}/{r['goals_evaluable']}; must-goals kept: {r['must_goals_kept']}")
