@@ -385,7 +385,13 @@ class AIPlannerWidget(CaseModuleWidgetMixin, ScriptedLoadableModuleWidget, VTKOb
                 self._cancelToken = None
                 self.setRunning(False)
             self.showAgentPlan(created["beamsTable"], created["studyItem"])
-            self.ui.answerLabel.text = _("New plan version {version}.").format(version=created["version"])
+            text = _("New plan version {version}.").format(version=created["version"])
+            check = created.get("deliveryCheck")
+            if check:
+                text += " " + _("{aspect}: {value:.0f} (limit {limit:g}) - {verdict}.").format(
+                    aspect=check["aspect"].upper(), value=check["value"], limit=check["limit"],
+                    verdict=_("met") if check["met"] else _("not met; ask again to smooth further"))
+            self.ui.answerLabel.text = text
 
     def onCancelFeedbackButton(self) -> None:
         """Discard the interpretation awaiting confirmation."""
