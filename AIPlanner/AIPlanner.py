@@ -227,22 +227,10 @@ class AIPlannerWidget(CaseModuleWidgetMixin, ScriptedLoadableModuleWidget, VTKOb
         if row >= 0:
             self.ui.objectivesTable.removeRow(row)
 
-    def onProgress(self, fraction: float, text: str) -> None:
-        """Progress callback of the Logic: update the bar and let Qt process the Cancel click."""
-        self.ui.progressBar.value = int(round(100 * fraction))
-        self.ui.progressBar.setFormat(f"{text} (%p%)")
-        slicer.app.processEvents()
-
-    def setRunning(self, running: bool) -> None:
-        """Apply becomes Cancel while planning runs; the inputs are locked meanwhile."""
-        self.ui.applyButton.text = _("Cancel") if running else _("Create plan")
-        self.ui.progressBar.visible = running
-        self.ui.progressBar.value = 0
-        self.ui.patientCollapsibleButton.enabled = not running
-        self.ui.inputsCollapsibleButton.enabled = not running
-        self.ui.beamsCollapsibleButton.enabled = not running
-        self.ui.objectivesCollapsibleButton.enabled = not running
-        self.ui.agentCollapsibleButton.enabled = not running
+    # onProgress and setRunning come from CaseModuleWidgetMixin; these say what they show and lock.
+    applyIdleText = _("Create plan")
+    lockedWhileRunning = ("patientCollapsibleButton", "inputsCollapsibleButton", "beamsCollapsibleButton",
+                          "objectivesCollapsibleButton", "agentCollapsibleButton")
 
     def onApplyButton(self) -> None:
         """Create the plan, or cancel the one being created."""

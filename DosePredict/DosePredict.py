@@ -296,20 +296,9 @@ class DosePredictWidget(CaseModuleWidgetMixin, ScriptedLoadableModuleWidget, VTK
         """A line in the log box (capped at :attr:`LOG_LINES`)."""
         self.ui.logTextEdit.appendPlainText(text)
 
-    def onProgress(self, fraction: float, text: str) -> None:
-        """Progress callback of the Logic: update the bar and let Qt process the Cancel click."""
-        self.ui.progressBar.value = int(round(100 * fraction))
-        self.ui.progressBar.setFormat(f"{text} (%p%)")
-        slicer.app.processEvents()
-
-    def setRunning(self, running: bool) -> None:
-        """Apply becomes Cancel while the worker runs; the inputs are locked meanwhile."""
-        self.ui.applyButton.text = _("Cancel") if running else _("Predict dose")
-        self.ui.progressBar.visible = running
-        self.ui.progressBar.value = 0
-        self.ui.patientCollapsibleButton.enabled = not running
-        self.ui.inputsCollapsibleButton.enabled = not running
-        self.ui.mappingCollapsibleButton.enabled = not running
+    # onProgress and setRunning come from CaseModuleWidgetMixin; these say what they show and lock.
+    applyIdleText = _("Predict dose")
+    lockedWhileRunning = ("patientCollapsibleButton", "inputsCollapsibleButton", "mappingCollapsibleButton")
 
     def onApplyButton(self) -> None:
         """Predict the dose, or cancel the prediction that runs."""
