@@ -1349,18 +1349,10 @@ class AIPlannerTest(CaseModuleTestMixin, ScriptedLoadableModuleTest):
 
     @staticmethod
     def sceneState(scene) -> tuple:
-        """Node IDs, subject-hierarchy items and their attributes: what a failed call must not change."""
-        import vtk
+        """What a failed call must not change (:func:`TwinRTCommon.testing.sceneState`)."""
+        from TwinRTCommon.testing import sceneState
 
-        from TwinRTCommon import mrmlio
-
-        sh = scene.GetSubjectHierarchyNode()
-        ids = vtk.vtkIdList()
-        sh.GetItemChildren(sh.GetSceneItemID(), ids, True)
-        items = [ids.GetId(i) for i in range(ids.GetNumberOfIds())]
-        attributes = {item: {name: sh.GetItemAttribute(item, name) for name in sh.GetItemAttributeNames(item)}
-                      for item in items}
-        return mrmlio.nodeIds(scene), items, attributes
+        return sceneState(scene)
 
     def test_PlanInputs(self):
         """What the Widget hands the Logic: targets, beam set-up from the parameter node, objectives table."""

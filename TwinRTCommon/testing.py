@@ -136,6 +136,21 @@ def assertCaseInScene(testCase, created: dict, case: Case, scene) -> None:
         testCase.assertEqual(sh.GetItemParent(sh.GetItemByDataNode(node)), study, node.GetName())
 
 
+def sceneState(scene) -> tuple:
+    """Node IDs, subject-hierarchy items and their attributes: what a failed Logic call must not change."""
+    import vtk
+
+    from TwinRTCommon import mrmlio
+
+    sh = scene.GetSubjectHierarchyNode()
+    ids = vtk.vtkIdList()
+    sh.GetItemChildren(sh.GetSceneItemID(), ids, True)
+    items = [ids.GetId(i) for i in range(ids.GetNumberOfIds())]
+    attributes = {item: {name: sh.GetItemAttribute(item, name) for name in sh.GetItemAttributeNames(item)}
+                  for item in items}
+    return mrmlio.nodeIds(scene), items, attributes
+
+
 def assertBadInputLeavesSceneUnchanged(testCase, logic, scene) -> None:
     """A NaN dose and a non-Case input raise typed errors and add nothing to ``scene``.
 
