@@ -556,9 +556,10 @@ def find_conflicts(lookup: Callable[[str], Optional[Structure]], results: Sequen
             text = f"'{g.describe()}' is met by the optimised fluence but not after leaf sequencing " \
                    f"({r.explanation}); more intensity levels or smaller segments may keep it."
         elif opposing:
-            names = " and ".join(f"'{x[2].describe()}'" for x in opposing[:2])
-            text = f"'{g.describe()}' still fails after {rounds} round(s) of escalation: it conflicts with {names} — " \
-                   f"{opposing[0][3]}. Relax one of them (or change the contours) to meet the other."
+            # Each opposing goal with its own reason (two goals may oppose for different reasons).
+            names = " and ".join(f"'{x[2].describe()}' ({x[3]})" for x in opposing[:2])
+            text = f"'{g.describe()}' still fails after {rounds} round(s) of escalation: it conflicts with {names}. " \
+                   "Relax one of them (or change the contours) to meet the other."
         else:
             text = f"'{g.describe()}' still fails after {rounds} round(s) of escalation and no goal near it is at " \
                    "its limit; more beams, other beam angles or more optimisation rounds may be needed."
