@@ -28,6 +28,7 @@ from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from AIPlannerLib import agentRecord, planRecord
 from TwinRTCommon.logic import CaseLogicMixin, checkCtVolume, checkSegmentation
 from TwinRTCommon.testing import CaseModuleTestMixin
+from TwinRTCommon.runwidget import RunningWidgetMixin
 from TwinRTCommon.widget import CaseModuleWidgetMixin
 
 
@@ -136,7 +137,7 @@ class AIPlannerParameterNode:
 #
 
 
-class AIPlannerWidget(CaseModuleWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
+class AIPlannerWidget(RunningWidgetMixin, CaseModuleWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Binds the .ui to the parameter node and calls the Logic; holds no computation.
 
     The parameter-node and scene plumbing and the Load sample / Import DICOM buttons come from
@@ -227,7 +228,7 @@ class AIPlannerWidget(CaseModuleWidgetMixin, ScriptedLoadableModuleWidget, VTKOb
         if row >= 0:
             self.ui.objectivesTable.removeRow(row)
 
-    # onProgress and setRunning come from CaseModuleWidgetMixin; these say what they show and lock.
+    # onProgress and setRunning come from RunningWidgetMixin; these say what they show and lock.
     applyIdleText = _("Create plan")
     lockedWhileRunning = ("patientCollapsibleButton", "inputsCollapsibleButton", "beamsCollapsibleButton",
                           "objectivesCollapsibleButton", "agentCollapsibleButton")

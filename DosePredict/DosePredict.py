@@ -29,6 +29,7 @@ from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
 from TwinRTCommon.logic import CaseLogicMixin, checkCtVolume, checkSegmentation
 from TwinRTCommon.testing import CaseModuleTestMixin
+from TwinRTCommon.runwidget import RunningWidgetMixin
 from TwinRTCommon.widget import CaseModuleWidgetMixin
 
 
@@ -123,7 +124,7 @@ class DosePredictParameterNode:
 #
 
 
-class DosePredictWidget(CaseModuleWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
+class DosePredictWidget(RunningWidgetMixin, CaseModuleWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Binds the .ui to the parameter node and calls the Logic; holds no computation.
 
     The parameter-node and scene plumbing and the Load sample / Import DICOM buttons come from
@@ -296,7 +297,7 @@ class DosePredictWidget(CaseModuleWidgetMixin, ScriptedLoadableModuleWidget, VTK
         """A line in the log box (capped at :attr:`LOG_LINES`)."""
         self.ui.logTextEdit.appendPlainText(text)
 
-    # onProgress and setRunning come from CaseModuleWidgetMixin; these say what they show and lock.
+    # onProgress and setRunning come from RunningWidgetMixin; these say what they show and lock.
     applyIdleText = _("Predict dose")
     lockedWhileRunning = ("patientCollapsibleButton", "inputsCollapsibleButton", "mappingCollapsibleButton")
 

@@ -181,7 +181,7 @@ def checkUiFile(moduleName: str, parameterNames: list[str], issueText: str) -> N
 
 
 def checkWidgetUiNames(moduleName: str) -> None:
-    """Each ``self.ui.<name>`` in ``<Module>.py`` and the shared Widget mixin names a widget of the .ui.
+    """Each ``self.ui.<name>`` in ``<Module>.py`` and the shared Widget mixins it uses names a widget of the .ui.
 
     The Widget cannot be built headless, so a misspelt or removed widget would only fail in Slicer;
     this static check catches it here.
@@ -189,7 +189,11 @@ def checkWidgetUiNames(moduleName: str) -> None:
     path = REPO_ROOT / moduleName / "Resources" / "UI" / f"{moduleName}.ui"
     widgets = {w.get("name") for w in ET.parse(path).getroot().iter("widget")}
     used = set()
-    for source in (REPO_ROOT / moduleName / f"{moduleName}.py", REPO_ROOT / "TwinRTCommon" / "widget.py"):
+    module = REPO_ROOT / moduleName / f"{moduleName}.py"
+    sources = [module, REPO_ROOT / "TwinRTCommon" / "widget.py"]
+    if "RunningWidgetMixin" in module.read_text():
+        sources.append(REPO_ROOT / "TwinRTCommon" / "runwidget.py")
+    for source in sources:
         used |= set(re.findall(r"self\.ui\.([A-Za-z_]\w*)", source.read_text()))
     assert used, f"{moduleName}.py uses no ui widget"
     missing = sorted(used - widgets)
