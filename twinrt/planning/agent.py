@@ -26,8 +26,6 @@ Rules (in this order of priority: must > should > nice; the numbers are module c
   nice-goal improved in the last round; when no rule applies; after ``max_rounds``; or when the
   next round would exceed ``time_budget_s``. The round delivered is the best one: most must-goals
   met, then the highest score.
-* During the rounds a must-goal counts as met only with :data:`SEQUENCING_ALLOWANCE` of its limit
-  to spare, since leaf sequencing moves the dose a little.
 * After leaf sequencing, target must-goals that the sequencing cost (typically a few tenths of a
   Gy of D95%) are restored by plan normalisation: every MU × up to 1 + :data:`NORMALISE_MAX`, never
   so far that a must-goal that passes fails, kept only when more must-goals are met (or as many,
@@ -83,10 +81,6 @@ NEIGHBOUR_MM = 10.0
 #: must-goals lost in leaf sequencing, aiming this fraction above the limit.
 NORMALISE_MAX = 0.03
 NORMALISE_HEADROOM = 0.001
-#: During the rounds a must-goal counts as met only with this fraction of its limit to spare: leaf
-#: sequencing moved must-goal values by 0.3-0.9 % of their limit on OpenKBP (cord +0.4 Gy of 45 Gy,
-#: PTV56 D95 -0.3 Gy), so the ideal fluence aims 1 % inside.
-SEQUENCING_ALLOWANCE = 0.01
 _DVH_KINDS = ("max_dvh", "min_dvh")
 
 
@@ -573,21 +567,6 @@ def find_conflicts(lookup: Callable[[str], Optional[Structure]], results: Sequen
     return out
 
 
-def _with_allowance(results: Sequence[GoalResult], allowance: float) -> list[GoalResult]:
-    """The results as the policy sees them: a must-goal met by less than ``allowance`` × its limit fails."""
-    if allowance <= 0:
-        return list(results)
-    out = []
-    for r in results:
-        need = allowance * _limit_scale(r.goal)
-        if r.goal.priority == "must" and r.passed and r.margin is not None and r.margin < need:
-            out.append(GoalResult(r.goal, r.value, False, float(r.margin) - need,
-                                  f"{r.explanation} (within the {allowance:.1%} sequencing allowance)"))
-        else:
-            out.append(r)
-    return out
-
-
 # ---------------------------------------------------------------------------------------- normalisation
 def _normalise_for_coverage(case: Case, goal_set: Any, lookup: Callable[[str], Optional[Structure]],
                             planning: PlanningResult, results: Sequence[GoalResult],
@@ -673,8 +652,7 @@ def virtual_planner(case: Case, goals: Any, setup: Optional[PlanSetup] = None,
                     prescriptions: Optional[Sequence[Prescription]] = None, max_rounds: int = 6,
                     round_iter: Optional[int] = None, time_budget_s: Optional[float] = None,
                     label: str = "TwinRT AI", progress: Optional[ProgressCallback] = None,
-                    cancel: Optional[CancelToken] = None,
-                    sequencing_allowance: float = SEQUENCING_ALLOWANCE) -> AgentResult:
+                    cancel: Optional[CancelToken] = None) -> AgentResult:
     """Plan ``case`` for clinical ``goals``: optimise, evaluate, adjust the objectives, repeat.
 
     :param case: CT (HU) with structures and prescriptions.
@@ -690,8 +668,6 @@ def virtual_planner(case: Case, goals: Any, setup: Optional[PlanSetup] = None,
     :param label: RT plan label.
     :param progress: ``progress(fraction, text)``.
     :param cancel: cancel token (raises :class:`twinrt.progress.CancelledError`).
-    :param sequencing_allowance: during the rounds a must-goal counts as met only with this fraction
-        of its limit to spare (leaf sequencing costs about that); 0 disables it.
     :raises InvalidInputError: no goals, ``max_rounds < 1``, or what :func:`~twinrt.planning.workflow.plan_case` raises.
     """
     t_start = time.perf_counter()
@@ -730,31 +706,23 @@ def virtual_planner(case: Case, goals: Any, setup: Optional[PlanSetup] = None,
         weights = opt.weights
         dose = Dose(opt.dose_gy, problem.dose_grid, name="optimized")
         report(progress, lo + 0.9 * span, f"Round {rnd}: checking the goals", cancel)
-        true_results, score, _true_ok = evaluate_goals(case, dose, goal_set)
-        # The policy sees must-goals within the sequencing allowance of their limit as failing, so
-        # that the ideal fluence keeps room for what leaf sequencing costs.
-        results = _with_allowance(true_results, sequencing_allowance)
-        must_ok = all(r.passed is not False for r in results if r.goal.priority == "must")
+        results, score, must_ok = evaluate_goals(case, dose, goal_set)
         n_must = _musts_met(results)
         improved = False
         if rounds:
-            for prev, now in zip(rounds[-1]["results"], true_results):
+            for prev, now in zip(rounds[-1]["results"], results):
                 if now.goal.priority != "must" and prev.passed is False and now.margin is not None:
                     tol = max(IMPROVEMENT_TOL * _limit_scale(now.goal), 0.01)
                     improved |= bool(now.passed) or now.margin > prev.margin + tol
-        rounds.append({"objectives": [dict(o) for o in objs], "opt": opt, "results": true_results,
-                       "score": score, "must_ok": must_ok, "n_must": n_must})
+        rounds.append({"objectives": [dict(o) for o in objs], "opt": opt, "results": results, "score": score,
+                       "must_ok": must_ok, "n_must": n_must})
         seconds = time.perf_counter() - t0
         trace.append({"step": "round", "round": rnd, "edits": [e.to_dict() for e in edits],
                       "iterations": int(opt.iterations), "objective": _round(opt.total_objective),
-                      "goals": [_result_dict(r) for r in true_results], "score": _round(score),
-                      "must_passed": must_ok,
-                      "within_allowance": [r.goal.describe() for r, t in zip(results, true_results)
-                                           if t.passed and r.passed is False],
+                      "goals": [_result_dict(r) for r in results], "score": _round(score), "must_passed": must_ok,
                       "seconds": round(seconds, 3)})
         if all(r.passed is not False for r in results):
-            stop_reason = "every goal is met" + (" (must-goals with the sequencing allowance)"
-                                                 if sequencing_allowance > 0 else "")
+            stop_reason = "every goal is met"
             break
         if must_ok and rnd > 1 and not improved:
             stop_reason = "every must-goal is met and no other goal improved in the last round"
