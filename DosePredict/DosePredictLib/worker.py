@@ -264,22 +264,12 @@ def parseArguments(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _maskOutside(array: Optional[np.ndarray], possibleDoseMask: np.ndarray) -> Optional[np.ndarray]:
-    if array is None:
-        return None
-    out = np.array(array, dtype=np.float32, copy=True)
-    out[~possibleDoseMask] = 0.0
-    return out
-
-
 def predict(arguments: argparse.Namespace) -> None:
     """Read the input, predict and write the output (raises on failure)."""
-    from twinrt.dosepredict.inputs import body_mask
     from twinrt.errors import InvalidInputError
-    from twinrt.model import Dose
 
     emitProgress(0.0, "Reading the case")
-    case, possibleDoseMask = readInput(arguments.input)
+    case, _possibleDoseMask = readInput(arguments.input)
     roiMap = None
     if arguments.roi_map:
         try:
@@ -298,17 +288,9 @@ def predict(arguments: argparse.Namespace) -> None:
     def coreProgress(fraction: float, text: str) -> None:
         emitProgress(0.1 + 0.85 * fraction, text)
 
+    # The core cuts the dose to the possible-dose mask on the CT grid (the mask readInput put in the
+    # case's metadata, else the body).
     result = predictor.predict_case(case, roiMap, arguments.mc_samples, progress=coreProgress)
-    # The core zeroes the dose outside the possible-dose mask on its model grid and then resamples
-    # linearly onto the CT grid, which spreads dose up to one model voxel beyond the mask. The mask
-    # is applied again on the CT grid (the body, as the core uses it, when none was given).
-    if possibleDoseMask is None:
-        possibleDoseMask = body_mask(np.asarray(case.ct.array, dtype=np.float32))
-    result.dose = Dose(_maskOutside(result.dose.array, possibleDoseMask), result.dose.grid, result.dose.name,
-                       result.dose.dose_type, result.dose.summation, result.dose.source)
-    if result.std is not None:
-        result.std = Dose(_maskOutside(result.std.array, possibleDoseMask), result.std.grid, result.std.name,
-                          result.std.dose_type, result.std.summation, result.std.source)
     emitProgress(0.97, "Writing the prediction")
     writeOutput(arguments.output, result, predictor.version)
     emitProgress(1.0, f"Done in {result.seconds:.1f} s")

@@ -21,7 +21,7 @@ import numpy as np
 
 import twinrt
 from twinrt.dosepredict.config import DosePredictConfig
-from twinrt.dosepredict.inputs import (BODY_THRESHOLD_HU, OpenKBPArrays, build_input, crop_window, downsample,
+from twinrt.dosepredict.inputs import (OpenKBPArrays, body_mask, build_input, crop_window, downsample,
                                       prepare_case)
 from twinrt.errors import InvalidInputError
 from twinrt.geometry import resample_array
@@ -234,7 +234,7 @@ class DosePredictor:
                 keep = np.asarray(given, dtype=bool)
             else:
                 support = resample_array(prep.possible_dose_mask.astype(np.float32), prep.grid, case.ct.grid, order=1)
-                keep = (np.asarray(case.ct.array) > BODY_THRESHOLD_HU) & (support > 0)
+                keep = body_mask(np.asarray(case.ct.array)) & (support > 0)
             for d in (dose, std):
                 if d is not None:
                     d.array[~keep] = 0.0
