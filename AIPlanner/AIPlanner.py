@@ -12,7 +12,6 @@ the Logic), AIPlannerLogic (all computation, batch-capable) and AIPlannerTest (r
 """
 
 import json
-import logging
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -450,8 +449,6 @@ class AIPlannerLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
     def __init__(self) -> None:
         """Called when the logic class is instantiated. Can be used for initializing member variables."""
         ScriptedLoadableModuleLogic.__init__(self)
-        #: Optional ``logCallback(text)`` for the Widget's log (STYLE.md section 8).
-        self.logCallback = None
         #: Plan node ID -> its goal evaluation, so feedback on a plan just made needs no DVH pass.
         self._evaluations = {}
 
@@ -463,24 +460,8 @@ class AIPlannerLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         return _("Planning agent available: plans for clinical goals, feedback and human review. Research use "
                  "only, not for clinical decisions.")
 
-    def log(self, text: str) -> None:
-        """Log a line, and pass it to :attr:`logCallback` when the Widget set one."""
-        logging.info(text)
-        if self.logCallback:
-            self.logCallback(text)
 
     # ------------------------------------------------------------------------------------- inputs
-    def findSegmentation(self, ctVolume):
-        """The segmentation referencing ``ctVolume`` (for preselection), or None."""
-        from twinrt.errors import InvalidInputError
-
-        from TwinRTCommon import mrmlio
-
-        try:
-            return mrmlio.findSegmentation(ctVolume.GetScene(), ctVolume)
-        except InvalidInputError:
-            return None
-
     @staticmethod
     def defaultTargetSegments(segmentation) -> list[str]:
         """Names of the segments that are targets: tagged so by TwinRT, or named like one (PTV, CTV, GTV).
@@ -679,10 +660,8 @@ class AIPlannerLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         :raises InvalidInputError: no prediction, a prediction zero in a target or under a transform,
             and what :meth:`createPlan` raises. The scene is unchanged on every error.
         """
-        import numpy as np
-
         from twinrt.errors import InvalidInputError
-        from twinrt.model import Dose, Prescription
+        from twinrt.model import Prescription
         from twinrt.planning.kbp import plan_from_prediction
         from twinrt.progress import report
 
@@ -695,16 +674,8 @@ class AIPlannerLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         setup = self._planSetup(setup)
         self._checkIsocenter(setup, inputVolume)
 
-        def doseOf(node, name):
-            if node.GetParentTransformNode() is not None:
-                raise InvalidInputError(_("'{node}' is under a transform; harden or remove it first").format(
-                    node=node.GetName()))
-            array = np.array(slicer.util.arrayFromVolume(node), dtype=np.float32)
-            return Dose(array, mrmlio.volumeGrid(node), name,
-                        source=node.GetAttribute(mrmlio.DOSE_SOURCE_ATTRIBUTE) or "")
-
-        predicted = doseOf(predictedDose, "predicted")
-        std = doseOf(uncertaintyVolume, "predicted_std") if uncertaintyVolume is not None else None
+        predicted = mrmlio.doseFromVolume(predictedDose, "predicted")
+        std = mrmlio.doseFromVolume(uncertaintyVolume, "predicted_std") if uncertaintyVolume is not None else None
         report(progress, 0.0, "Reading the case from the scene", cancel)
         case = self.sceneToCase(inputVolume.GetScene(), inputVolume, inputSegmentation)
         prescriptions = [Prescription(name, float(prescriptionGy), int(fractions)) for name in targetNames]
@@ -1145,23 +1116,6 @@ class AIPlannerLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
             patient = sh.CreateSubjectItem(sh.GetSceneItemID(), case.patient_id)
         return sh.CreateStudyItem(patient, "TwinRT plan")
 
-    @staticmethod
-    def _uniqueDoseName(scene, studyItem: int, base: str = "planned") -> str:
-        """``planned``, or ``planned 2``... when the study has such a dose already (sceneToCase keys doses by name)."""
-        from TwinRTCommon import mrmlio
-
-        taken = set()
-        volumes = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
-        for index in range(volumes.GetNumberOfItems()):
-            node = volumes.GetItemAsObject(index)
-            if mrmlio.isDoseVolumeNode(node) and mrmlio.studyItemOf(node) == studyItem:
-                taken.add(node.GetAttribute(mrmlio.DOSE_NAME_ATTRIBUTE) or node.GetName())
-        name, number = base, 1
-        while name in taken:
-            number += 1
-            name = f"{base} {number}"
-        return name
-
     def addPlanToScene(self, result, case, inputVolume, inputSegmentation, targetSegmentIds: list[str],
                        prescriptions: list) -> dict[str, Any]:
         """Write a planning result into the scene in one transaction (see :meth:`createPlan`).
@@ -1186,7 +1140,7 @@ class AIPlannerLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
                                             twinrt.RESEARCH_USE_ONLY)
         with mrmlio.sceneTransaction(scene):
             studyItem = self._planStudyItem(scene, inputVolume, case)
-            doseName = self._uniqueDoseName(scene, studyItem)
+            doseName = mrmlio.uniqueDoseName(scene, studyItem, "planned")
             doseNode = mrmlio.addDoseVolume(scene, result.dose, studyItem, f"{case.patient_id} Dose {doseName}",
                                             doseName, source, self.createdBy)
 

@@ -383,8 +383,6 @@ class DosePredictLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
     def __init__(self) -> None:
         """Called when the logic class is instantiated. Can be used for initializing member variables."""
         ScriptedLoadableModuleLogic.__init__(self)
-        #: Optional ``logCallback(text)`` for the Widget's log (STYLE.md section 8).
-        self.logCallback = None
         #: Folder of installed models; empty: ``$TWINRT_MODELS_DIR``, else ``~/.twinrt/models``.
         self.modelsDirectory = ""
         #: torch device of the worker (``cpu`` or ``cuda``) and its CPU threads (0: torch's default).
@@ -399,11 +397,6 @@ class DosePredictLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         return _("Dose prediction available: a 3D U-Net predicts the dose from the CT and the structures. "
                  "Research use only, not for clinical decisions.")
 
-    def log(self, text: str, level: int = logging.INFO) -> None:
-        """Log a line, and pass it to :attr:`logCallback` when the Widget set one."""
-        logging.log(level, text)
-        if self.logCallback:
-            self.logCallback(text)
 
     # ------------------------------------------------------------------------------------ models
     def availableModels(self) -> list[dict[str, Any]]:
@@ -469,17 +462,6 @@ class DosePredictLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         """Names of the segments of ``segmentation``, in order."""
         segments = segmentation.GetSegmentation()
         return [segments.GetNthSegment(i).GetName() for i in range(segments.GetNumberOfSegments())]
-
-    def findSegmentation(self, ctVolume):
-        """The segmentation referencing ``ctVolume`` (for preselection), or None."""
-        from twinrt.errors import InvalidInputError
-
-        from TwinRTCommon import mrmlio
-
-        try:
-            return mrmlio.findSegmentation(ctVolume.GetScene(), ctVolume)
-        except InvalidInputError:
-            return None
 
     @staticmethod
     def studyPrescriptions(node) -> dict[str, float]:
@@ -710,22 +692,6 @@ class DosePredictLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
             patient = sh.CreateSubjectItem(sh.GetSceneItemID(), patientId)
         return sh.CreateStudyItem(patient, "TwinRT dose prediction")
 
-    def _uniqueDoseName(self, scene, studyItem: int, exclude=None) -> str:
-        """``predicted``, or ``predicted 2``... when the study has one (sceneToCase keys doses by name)."""
-        from TwinRTCommon import mrmlio
-
-        taken = set()
-        volumes = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
-        for index in range(volumes.GetNumberOfItems()):
-            node = volumes.GetItemAsObject(index)
-            if node is not exclude and mrmlio.isDoseVolumeNode(node) and mrmlio.studyItemOf(node) == studyItem:
-                taken.add(node.GetAttribute(mrmlio.DOSE_NAME_ATTRIBUTE) or node.GetName())
-        name, number = self.DOSE_NAME, 1
-        while name in taken:
-            number += 1
-            name = f"{self.DOSE_NAME} {number}"
-        return name
-
     def _addUncertaintyVolume(self, scene, std, studyItem: int, name: str, source: str):
         """A scalar volume of the per-voxel standard deviation (Gy); deliberately *not* tagged as a dose."""
         import numpy as np
@@ -810,7 +776,7 @@ class DosePredictLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         oldUncertainty = outputDose.GetNodeReference(self.UNCERTAINTY_REFERENCE_ROLE) if outputDose else None
         with mrmlio.sceneTransaction(scene):
             studyItem = self._studyItem(scene, ctVolume, case.patient_id)
-            doseName = self._uniqueDoseName(scene, studyItem, exclude=outputDose)
+            doseName = mrmlio.uniqueDoseName(scene, studyItem, self.DOSE_NAME, exclude=outputDose)
             baseName = f"{case.patient_id} Dose {doseName}"
             doseNode = mrmlio.addDoseVolume(scene, prediction["dose"], studyItem, baseName, doseName,
                                             prediction["dose"].source, self.createdBy)

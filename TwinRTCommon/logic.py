@@ -9,8 +9,9 @@ The mixin holds no state and never touches widgets, so it works in batch mode an
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import slicer
 
@@ -89,6 +90,26 @@ class CaseLogicMixin:
         # not an InvalidInputError, so both are caught: either way there is nothing to preselect.
         except (InvalidInputError, MissingInputError):
             return None
+
+    def findSegmentation(self, ctVolume):
+        """The segmentation referencing ``ctVolume`` (for preselection), or None."""
+        from twinrt.errors import InvalidInputError
+
+        from TwinRTCommon import mrmlio
+
+        try:
+            return mrmlio.findSegmentation(ctVolume.GetScene(), ctVolume)
+        except InvalidInputError:
+            return None
+
+    #: Optional ``logCallback(text)`` for the Widget's log (STYLE.md section 8).
+    logCallback: Optional[Callable[[str], None]] = None
+
+    def log(self, text: str, level: int = logging.INFO) -> None:
+        """Log a line, and pass it to :attr:`logCallback` when the Widget set one."""
+        logging.log(level, text)
+        if self.logCallback:
+            self.logCallback(text)
 
     def stageStatusText(self) -> str:
         """The text of the module panel's status label (the .ui carries the same text until setup)."""

@@ -742,6 +742,36 @@ def _studyItemOf(sh, node) -> int:
     return sh.GetItemAncestorAtLevel(item, slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMLevelStudy())
 
 
+def uniqueDoseName(scene, studyItem: int, base: str, exclude=None) -> str:
+    """``base``, or ``base 2``, ``base 3``... when the study already has a dose of that name
+    (:func:`sceneToCase` keys doses by name).
+
+    :param exclude: a dose node whose own name does not count (one that is being refilled).
+    """
+    taken = {node.GetAttribute(DOSE_NAME_ATTRIBUTE) or node.GetName()
+             for node in _nodesByClass(scene, "vtkMRMLScalarVolumeNode")
+             if node is not exclude and isDoseVolumeNode(node) and studyItemOf(node) == studyItem}
+    name, number = base, 1
+    while name in taken:
+        number += 1
+        name = f"{base} {number}"
+    return name
+
+
+def doseFromVolume(node, name: Optional[str] = None, scale: float = 1.0) -> Dose:
+    """A scalar volume (Gy × ``scale``) as a :class:`twinrt.model.Dose` on the volume's grid.
+
+    :param name: the dose name; default the node's ``TwinRT.DoseName`` attribute or its name.
+    :raises GeometryError: the node is under a transform; :raises DoseError: NaN or negative voxels.
+    """
+    _checkNoTransform(node)
+    name = name or node.GetAttribute(DOSE_NAME_ATTRIBUTE) or node.GetName()
+    array = np.array(slicer.util.arrayFromVolume(node), dtype=np.float32) * np.float32(scale)
+    validate_dose_array(array, name)
+    return Dose(array, volumeGrid(node), name, node.GetAttribute(DOSE_TYPE_ATTRIBUTE) or "PHYSICAL",
+                node.GetAttribute(DOSE_SUMMATION_ATTRIBUTE) or "PLAN", node.GetAttribute(DOSE_SOURCE_ATTRIBUTE) or "")
+
+
 def sceneToCase(scene=None, ctVolumeNode=None, segmentationNode=None) -> Case:
     """Read a case back from a scene written by :func:`caseToScene` (or loaded by SlicerRT).
 
@@ -797,13 +827,8 @@ def sceneToCase(scene=None, ctVolumeNode=None, segmentationNode=None) -> Case:
         # Doses of other studies belong to other patients; unparented doses are accepted.
         if not isDoseVolumeNode(node) or (studyItem and _studyItemOf(sh, node) not in (studyItem, 0)):
             continue
-        _checkNoTransform(node)
-        name = node.GetAttribute(DOSE_NAME_ATTRIBUTE) or node.GetName()
-        array = np.array(slicer.util.arrayFromVolume(node), dtype=np.float32) * np.float32(scale)
-        validate_dose_array(array, name)
-        doses[name] = Dose(array, volumeGrid(node), name, node.GetAttribute(DOSE_TYPE_ATTRIBUTE) or "PHYSICAL",
-                           node.GetAttribute(DOSE_SUMMATION_ATTRIBUTE) or "PLAN",
-                           node.GetAttribute(DOSE_SOURCE_ATTRIBUTE) or "")
+        dose = doseFromVolume(node, scale=scale)
+        doses[dose.name] = dose
 
     metadata, patientId, plans = {}, "", []
     if studyItem:
