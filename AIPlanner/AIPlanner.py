@@ -547,6 +547,21 @@ class AIPlannerLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
             type=type(setup).__name__))
 
     @staticmethod
+    def _coreProgress(progress):
+        """The core's progress (0..1) mapped onto 0.05..0.85 of a Logic call (reading the case comes
+        before, writing the scene after), or None without a callback."""
+        from twinrt.progress import report
+
+        if progress is None:
+            return None
+
+        def mapped(fraction: float, text: str) -> None:
+            # Clamped: 0.05 + 0.8 * 1.0 can round above 0.85, and a progress bar must never go back.
+            report(progress, min(0.05 + 0.8 * fraction, 0.85), text)
+
+        return mapped
+
+    @staticmethod
     def _checkIsocenter(setup, ctVolume) -> None:
         """Refuse an isocentre outside the CT: every beam through it would miss the target."""
         import numpy as np
@@ -629,14 +644,10 @@ class AIPlannerLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         case = self.sceneToCase(inputVolume.GetScene(), inputVolume, inputSegmentation)
         prescriptions = [Prescription(name, float(prescriptionGy), int(fractions)) for name in targetNames]
 
-        def planProgress(fraction: float, text: str) -> None:
-            # Clamped: 0.05 + 0.8 * 1.0 can round above 0.85, and a progress bar must never go back.
-            report(progress, min(0.05 + 0.8 * fraction, 0.85), text)
-
         # Nothing is written until the core has finished, so its errors and a cancel leave the
         # scene untouched without a rollback; the write itself is one transaction.
         result = plan_case(case, objectives, setup, prescriptions, planLabel,
-                           progress=planProgress if progress is not None else None, cancel=cancel)
+                           progress=self._coreProgress(progress), cancel=cancel)
         report(progress, 0.85, "Writing the plan into the scene", cancel)
         created = self.addPlanToScene(result, case, inputVolume, inputSegmentation, targetIds, prescriptions)
         self.log(f"AIPlanner: {created['summary']}")
@@ -680,11 +691,8 @@ class AIPlannerLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         case = self.sceneToCase(inputVolume.GetScene(), inputVolume, inputSegmentation)
         prescriptions = [Prescription(name, float(prescriptionGy), int(fractions)) for name in targetNames]
 
-        def planProgress(fraction: float, text: str) -> None:
-            report(progress, min(0.05 + 0.8 * fraction, 0.85), text)
-
         result = plan_from_prediction(case, predicted, std, setup, prescriptions, label=planLabel,
-                                      progress=planProgress if progress is not None else None, cancel=cancel)
+                                      progress=self._coreProgress(progress), cancel=cancel)
         report(progress, 0.85, "Writing the plan into the scene", cancel)
         created = self.addPlanToScene(result, case, inputVolume, inputSegmentation, targetIds, prescriptions)
         self.log(f"AIPlanner: plan from prediction '{predictedDose.GetName()}': {created['summary']}")
@@ -757,12 +765,9 @@ class AIPlannerLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         # A goal set naming a structure the case lacks is refused here, before any computing.
         goals.check_structures(case)
 
-        def agentProgress(fraction: float, text: str) -> None:
-            report(progress, min(0.05 + 0.8 * fraction, 0.85), text)
-
         agent = virtual_planner(case, goals, setup, objectives, prescriptions, max_rounds=settings["maxRounds"],
                                 round_iter=settings["roundIterations"], label=planLabel,
-                                progress=agentProgress if progress is not None else None, cancel=cancel)
+                                progress=self._coreProgress(progress), cancel=cancel)
         report(progress, 0.85, "Writing the plan into the scene", cancel)
         plan = agent.planning.plan
         # Evaluation of the delivered plan, kept for feedback questions ("why is the cord so high?").

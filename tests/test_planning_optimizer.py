@@ -137,6 +137,15 @@ def test_bad_objective_specs_are_refused(spec, words):
 
 
 # ---------------------------------------------------------------------- optimiser internals
+def _assert_gradient_matches_finite_differences(prob, w, g, h=1e-4):
+    """The kernel's weight gradient ``g`` at ``w`` against central differences of its value."""
+    for j in range(w.size):
+        e = np.zeros_like(w)
+        e[j] = h
+        fd = (prob.evaluate(w + e)[0] - prob.evaluate(w - e)[0]) / (2 * h)
+        assert g[j] == pytest.approx(fd, rel=2e-4, abs=1e-6), j
+
+
 def test_kernel_value_and_gradient_match_objectives_and_finite_differences():
     dij, structures = _line_problem()
     objectives = [SquaredDeviation("PTV", 50, 100), SquaredUnderdose("PTV", 49, 50), MinDVH("PTV", 49, 30, 95),
@@ -149,12 +158,7 @@ def test_kernel_value_and_gradient_match_objectives_and_finite_differences():
     f, g = prob.evaluate(w)
     full = prob.full_dose(w)
     assert f == pytest.approx(sum(prob.objective_values(full)) + prob.penalty_value(full), rel=1e-9)
-    h = 1e-4
-    for j in range(dij.n_bixels):
-        e = np.zeros_like(w)
-        e[j] = h
-        fd = (prob.evaluate(w + e)[0] - prob.evaluate(w - e)[0]) / (2 * h)
-        assert g[j] == pytest.approx(fd, rel=2e-4, abs=1e-6), j
+    _assert_gradient_matches_finite_differences(prob, w, g)
 
 
 def test_csr_of_selected_rows_equals_scipy():
@@ -379,12 +383,7 @@ def test_dose_mimicking_in_the_kernel_matches_the_objective():
     w = np.random.default_rng(0).uniform(0, 4, dij.n_bixels)
     f, g = prob.evaluate(w)
     assert f == pytest.approx(sum(prob.objective_values(prob.full_dose(w))), rel=1e-9)
-    h = 1e-4
-    for j in range(dij.n_bixels):
-        e = np.zeros_like(w)
-        e[j] = h
-        fd = (prob.evaluate(w + e)[0] - prob.evaluate(w - e)[0]) / (2 * h)
-        assert g[j] == pytest.approx(fd, rel=2e-4, abs=1e-6), j
+    _assert_gradient_matches_finite_differences(prob, w, g)
 
 
 def test_dose_mimicking_reproduces_an_achievable_reference_dose():
