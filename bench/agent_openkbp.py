@@ -16,8 +16,8 @@ Defaults: dose on the CT grid (so the plan is evaluated like the reference dose,
 trilinear blur of a coarser grid) and 20 intensity levels for leaf sequencing.
 
 Some OpenKBP patients lack an organ the clinical goal set requires (e.g. no Brainstem contour):
-the benchmark makes every structure but PTV70 optional, so that those goals are reported as not
-evaluable instead of refusing the patient (the shipped goal set itself stays strict). With
+the benchmarks make every structure but PTV70 optional (``openkbp_common.openkbp_goal_set``), so
+that those goals are reported as not evaluable instead of refusing the patient. With
 ``--jsonl FILE`` each patient's result is appended as it finishes, and ``--start N`` skips the
 first N patients (to resume an interrupted run).
 
@@ -35,11 +35,10 @@ from typing import Any, Optional
 
 import numpy as np
 
-from twinrt.data import load_openkbp, openkbp_patients, shared_data_dir
+from openkbp_common import add_patient_arguments, dose_grid_mm, openkbp_goal_set, selected_patients
+from twinrt.data import load_openkbp
 from twinrt.planning.agent import virtual_planner
-from dataclasses import replace
-
-from twinrt.planning.evaluation import evaluate_plan, load_goal_set
+from twinrt.planning.evaluation import evaluate_plan
 from twinrt.planning.workflow import PlanSetup
 
 
@@ -80,10 +79,7 @@ def run_patient(path: Any, goal_set: Any, setup: PlanSetup, max_rounds: int,
 def main(argv: Optional[list[str]] = None) -> int:
     """Command line: see the module docstring."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--patients", type=int, default=33, help="number of validation patients (from the first)")
-    p.add_argument("--patient", help="one patient id, e.g. pt_236")
-    p.add_argument("--dose-grid-mm", default="ct",
-                   help="dose-grid spacing in mm, or 'ct' (default: the CT grid, like the reference dose)")
+    add_patient_arguments(p, 33)
     p.add_argument("--max-iter", type=int, default=200, help="first-round iterations")
     p.add_argument("--max-rounds", type=int, default=6)
     p.add_argument("--levels", type=int, default=20,
@@ -94,16 +90,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--jsonl", help="append each patient's result to this file as it finishes")
     p.add_argument("--start", type=int, default=0, help="skip the first N patients (resume)")
     args = p.parse_args(argv)
-    if shared_data_dir() is None:
-        print("../shared/data not found: set TWINRT_SHARED_DATA", file=sys.stderr)
+    paths = selected_patients(args)
+    if paths is None:
         return 2
-    strict = load_goal_set("head_and_neck_openkbp")
-    names = list(dict.fromkeys(g.structure for g in strict.goals))
-    goal_set = replace(strict, optional_structures=[n for n in names if n != "PTV70"])
-    paths = openkbp_patients("validation")
-    paths = [q for q in paths if q.stem == args.patient] if args.patient else paths[:args.patients]
     paths = paths[args.start:]
-    grid_mm = None if str(args.dose_grid_mm).lower() == "ct" else float(args.dose_grid_mm)
+    goal_set = openkbp_goal_set()
+    grid_mm = dose_grid_mm(args)
     setup = PlanSetup.equispaced(9, dose_grid_mm=grid_mm, max_iter=args.max_iter, levels=args.levels)
     results = []
     for path in paths:

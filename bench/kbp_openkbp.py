@@ -28,10 +28,11 @@ from typing import Any, Optional
 
 import numpy as np
 
-from twinrt.data import load_openkbp, openkbp_patients, shared_data_dir
+from openkbp_common import add_patient_arguments, dose_grid_mm, openkbp_goal_set, selected_patients
+from twinrt.data import load_openkbp
 from twinrt.dosepredict.metrics import dvh_metrics
 from twinrt.dosepredict.predict import DosePredictor
-from twinrt.planning.evaluation import evaluate_plan, load_goal_set
+from twinrt.planning.evaluation import evaluate_plan
 from twinrt.planning.kbp import plan_from_prediction
 from twinrt.planning.workflow import PlanSetup
 
@@ -79,24 +80,20 @@ def run_patient(path: Any, predictor: DosePredictor, setup: PlanSetup, goal_set:
 def main(argv: Optional[list[str]] = None) -> int:
     """Command line: see the module docstring."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--patients", type=int, default=5, help="number of validation patients (from the first)")
-    p.add_argument("--patient", help="one patient id, e.g. pt_201")
+    add_patient_arguments(p, 5)
     p.add_argument("--model", help="dose-prediction model id or path (default: the default model)")
     p.add_argument("--mc-samples", type=int, default=None, help="MC-dropout samples (default: the model's)")
-    p.add_argument("--dose-grid-mm", default="ct", help="dose-grid spacing in mm, or 'ct' (default)")
     p.add_argument("--max-iter", type=int, default=200)
     p.add_argument("--levels", type=int, default=20)
     p.add_argument("--json", help="also write the full result to this file")
     args = p.parse_args(argv)
-    if shared_data_dir() is None:
-        print("../shared/data not found: set TWINRT_SHARED_DATA", file=sys.stderr)
+    paths = selected_patients(args)
+    if paths is None:
         return 2
-    paths = openkbp_patients("validation")
-    paths = [q for q in paths if q.stem == args.patient] if args.patient else paths[:args.patients]
-    grid_mm = None if str(args.dose_grid_mm).lower() == "ct" else float(args.dose_grid_mm)
+    grid_mm = dose_grid_mm(args)
     setup = PlanSetup.equispaced(9, dose_grid_mm=grid_mm, max_iter=args.max_iter, levels=args.levels)
     predictor = DosePredictor(args.model)
-    goal_set = load_goal_set("head_and_neck_openkbp")
+    goal_set = openkbp_goal_set()
     results = []
     for path in paths:
         r = run_patient(path, predictor, setup, goal_set, args.mc_samples)

@@ -25,7 +25,8 @@ import time
 import numpy as np
 
 from twinrt import dvh
-from twinrt.data import load_openkbp, openkbp_patients, shared_data_dir
+from openkbp_common import add_patient_arguments, dose_grid_mm, selected_patients
+from twinrt.data import load_openkbp
 from twinrt.planning.workflow import PlanSetup, plan_case
 
 # Metrics shown per structure type (keys of twinrt.dvh.dvh_metrics rows).
@@ -59,18 +60,13 @@ def plan_patient(path, setup: PlanSetup) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--patients", type=int, default=1, help="number of validation patients (from the first)")
-    p.add_argument("--patient", help="one patient id, e.g. pt_236")
-    p.add_argument("--dose-grid-mm", default="ct",
-                   help="dose-grid spacing in mm, or 'ct' (default) to compute on the CT grid like the reference")
+    add_patient_arguments(p, 1)
     p.add_argument("--max-iter", type=int, default=200)
     args = p.parse_args(argv)
-    if shared_data_dir() is None:
-        print("../shared/data not found: set TWINRT_SHARED_DATA", file=sys.stderr)
+    paths = selected_patients(args)
+    if paths is None:
         return 2
-    paths = openkbp_patients("validation")
-    paths = [q for q in paths if q.stem == args.patient] if args.patient else paths[:args.patients]
-    grid_mm = None if str(args.dose_grid_mm).lower() == "ct" else float(args.dose_grid_mm)
+    grid_mm = dose_grid_mm(args)
     setup = PlanSetup.equispaced(9, dose_grid_mm=grid_mm, max_iter=args.max_iter)
     results = []
     for path in paths:
