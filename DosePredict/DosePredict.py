@@ -507,41 +507,14 @@ class DosePredictLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         :raises StructureError: a segment the segmentation lacks, or no target mapped (the message
             names the required structures).
         """
-        from twinrt.errors import InvalidInputError, StructureError
+        from twinrt.dosepredict.inputs import check_roi_map
 
-        modelRois, targets = self.modelRois(), self.targetRois()
+        # Segment IDs (what scripts pass) become names; the core checks the mapping.
         segments = segmentation.GetSegmentation()
-        names = self.segmentNames(segmentation)
-        mapping, badKeys, unknown = {}, [], []
-        for roi, value in dict(roiMap or {}).items():
-            if not value:
-                continue
-            if roi not in modelRois:
-                badKeys.append(str(roi))
-                continue
-            value = str(value)
-            if value in names:
-                mapping[roi] = value
-            elif segments.GetSegment(value) is not None:  # a segment ID (what scripts pass)
-                mapping[roi] = segments.GetSegment(value).GetName()
-            else:
-                unknown.append(value)
-        if badKeys:
-            raise InvalidInputError(_("{keys} are not structures of the dose model; map segments to {rois}").format(
-                keys=", ".join(badKeys), rois=", ".join(modelRois)))
-        if unknown:
-            raise StructureError(_("{segments} are not segments of '{segmentation}' (segments: {names}); choose "
-                                   "segments of the selected structures").format(
-                segments=", ".join(f"'{u}'" for u in unknown), segmentation=segmentation.GetName(),
-                names=", ".join(names) or _("none")), unknown[0])
-        if not any(roi in mapping for roi in targets):
-            raise StructureError(_("No target is mapped to {targets}: the dose prediction needs at least one of these "
-                                   "required structures. Map the target segment(s) of '{segmentation}' to the PTV of "
-                                   "their prescription in the structure mapping table (segments: {names})").format(
-                targets=", ".join(targets), segmentation=segmentation.GetName(), names=", ".join(names) or _("none")),
-                targets[-1])
-        missing = [roi for roi in modelRois if roi not in targets and roi not in mapping]
-        return mapping, missing
+        named = {roi: (segments.GetSegment(str(value)).GetName()
+                       if value and segments.GetSegment(str(value)) is not None else value)
+                 for roi, value in dict(roiMap or {}).items()}
+        return check_roi_map(named, self.segmentNames(segmentation), f"'{segmentation.GetName()}'")
 
     # -------------------------------------------------------------------------------- prediction
     def _checkInputs(self, ctVolume, segmentation, outputDose, mcSamples) -> None:

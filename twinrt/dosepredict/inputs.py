@@ -345,6 +345,37 @@ def _body_site_warnings(case: Case, roi_map: Mapping[str, str], grid: Grid, ptv_
     return out
 
 
+def check_roi_map(roi_map: Mapping[str, str], structure_names: Sequence[str],
+                  source: str = "the case") -> tuple[dict[str, str], list[str]]:
+    """Check a user's model-ROI → structure mapping.
+
+    :param roi_map: model ROI → structure name; empty values mean "not mapped".
+    :param structure_names: the structures there are.
+    :param source: what holds them, for the messages (e.g. the segmentation's name).
+    :return: ``(mapping without empty values, organs at risk left unmapped)``.
+    :raises InvalidInputError: a key that is not a model ROI.
+    :raises StructureError: a structure that does not exist, or no target mapped (the message
+        names the required structures).
+    """
+    names = list(structure_names)
+    exact = {n.lower(): n for n in names}  # names match case-insensitively, as Case.structure does
+    mapping = {str(roi): str(name) for roi, name in dict(roi_map or {}).items() if name}
+    bad = [roi for roi in mapping if roi not in MODEL_ROIS]
+    if bad:
+        raise InvalidInputError(f"{', '.join(bad)} are not model ROIs (the structures the dose model knows); map "
+                                f"structures to {', '.join(MODEL_ROIS)}")
+    unknown = [name for name in mapping.values() if name.lower() not in exact]
+    mapping = {roi: exact.get(name.lower(), name) for roi, name in mapping.items()}
+    if unknown:
+        raise StructureError(f"{', '.join(repr(u) for u in unknown)} are not structures of {source} (structures: "
+                             f"{', '.join(names) or 'none'}); choose structures of {source}", unknown[0])
+    if not any(roi in mapping for roi in PTV_ROIS):
+        raise StructureError(f"No target is mapped to {', '.join(PTV_ROIS)}: the dose prediction needs at least one "
+                             f"of these required structures. Map the target structure(s) of {source} to the PTV of "
+                             f"their prescription (structures: {', '.join(names) or 'none'})", list(PTV_ROIS)[-1])
+    return mapping, [roi for roi in OAR_ROIS if roi not in mapping]
+
+
 def prepare_case(case: Case, config: InputConfig, roi_map: Optional[Mapping[str, str]] = None) -> PreparedInput:
     """Match ROIs, check the case and put CT, masks and possible-dose mask on the model grid.
 
@@ -362,12 +393,7 @@ def prepare_case(case: Case, config: InputConfig, roi_map: Optional[Mapping[str,
         prescriptions = {p.target: p.dose_gy for p in case.prescriptions}
         mapping, _ = match_rois(names, prescriptions)
     else:
-        mapping = dict(roi_map)
-        bad = [k for k in mapping if k not in MODEL_ROIS]
-        if bad:
-            raise InvalidInputError(f"roi_map key(s) {bad} are not model ROIs; use names from {list(MODEL_ROIS)}")
-        for roi, name in mapping.items():
-            case.structure(name)  # StructureError naming the structure when absent
+        mapping, _ = check_roi_map(roi_map, names)
     structures = {roi: case.structure(name) for roi, name in mapping.items()}
     for roi, s in list(structures.items()):
         if s.is_empty:
