@@ -196,3 +196,65 @@ def test_normalisation_never_breaks_a_passing_must_goal(agent_run):
     new_plan, new_results, _, _, step = out
     assert 1.0 < step["factor"] < 1.005 and "capped" in step["reason"]
     assert new_results[1].passed
+
+
+@pytest.fixture(scope="module")
+def sequenced_at_8_levels():
+    """The phantom optimised once and sequenced at 8 intensity levels (with its problem and fluence)."""
+    from twinrt.planning.workflow import optimize_problem, prepare_problem, sequence_result
+
+    case = phantom_case()
+    problem = prepare_problem(case, SETUP)
+    objs = [dict(o) for o in default_objectives(case, problem.prescriptions)]
+    opt = optimize_problem(problem, objs)
+    return case, problem, objs, opt, sequence_result(problem, opt, objs)
+
+
+def _resequence(sequenced, goals, seconds_left=lambda: None):
+    from twinrt.model import Dose
+    from twinrt.planning.agent import _goal_set, _resequence_finer, evaluate_goals
+
+    case, problem, objs, opt, planning = sequenced
+    gs = _goal_set(goals)
+    optimized = evaluate_goals(case, Dose(opt.dose_gy, problem.dose_grid), gs)[0]
+    results, score, _ = evaluate_goals(case, planning.dose, gs)
+    trace = []
+    out = _resequence_finer(case, gs, problem, opt, objs, "T", planning, results, optimized, score, seconds_left, trace)
+    return optimized, results, out, trace
+
+
+def test_resequencing_with_more_levels_restores_a_must_goal_lost_in_sequencing(sequenced_at_8_levels):
+    # Measured on this phantom: PTV D95% 59.94 Gy optimised, 58.81 Gy sequenced at 8 levels,
+    # 59.38 Gy at 12 levels (×1.5). A must-goal at 59.3 Gy is met, lost, then restored.
+    goals = [Goal("PTV", "D95%", ">=", 59.3, "must"), Goal("Organ", "Dmean", "<=", 100.0, "should")]
+    optimized, results, (plan, final, score, ok), trace = _resequence(sequenced_at_8_levels, goals)
+    assert optimized[0].passed and results[0].passed is False
+    assert ok and final[0].passed
+    assert plan.setup.levels == 12 and plan.plan.beams and plan.dose.array.max() > 0
+    assert plan.sequencing["n_segments"] > sequenced_at_8_levels[4].sequencing["n_segments"]
+    assert [s["levels"] for s in trace] == [12] and trace[0]["accepted"]
+    assert "PTV D95% >= 59.3 Gy (must)" in trace[0]["reason"] and trace[0]["segments"] == plan.sequencing["n_segments"]
+    json.dumps(trace)
+
+
+def test_resequencing_keeps_the_plan_when_no_finer_sequence_helps(sequenced_at_8_levels):
+    # 59.8 Gy: met by the optimised fluence (59.94 Gy) but at no level tried (12: 59.38, 16: 59.55 Gy).
+    goals = [Goal("PTV", "D95%", ">=", 59.8, "must")]
+    _, results, (plan, final, _, ok), trace = _resequence(sequenced_at_8_levels, goals)
+    assert plan is sequenced_at_8_levels[4] and final == results and not ok
+    assert [s["levels"] for s in trace] == [12, 16] and not any(s["accepted"] for s in trace)
+    assert all("not kept" in s["reason"] for s in trace)
+
+
+def test_resequencing_respects_the_time_budget(sequenced_at_8_levels):
+    goals = [Goal("PTV", "D95%", ">=", 59.3, "must")]
+    _, results, (plan, final, _, ok), trace = _resequence(sequenced_at_8_levels, goals, seconds_left=lambda: 0.0)
+    assert plan is sequenced_at_8_levels[4] and not ok
+    assert len(trace) == 1 and not trace[0]["accepted"] and "not tried" in trace[0]["reason"]
+
+
+def test_resequencing_does_nothing_when_sequencing_lost_no_must_goal(sequenced_at_8_levels):
+    # The goal fails on the optimised fluence too: finer sequencing cannot be what it needs.
+    goals = [Goal("PTV", "D95%", ">=", 65.0, "must")]
+    optimized, _, (plan, _, _, ok), trace = _resequence(sequenced_at_8_levels, goals)
+    assert optimized[0].passed is False and plan is sequenced_at_8_levels[4] and trace == [] and not ok

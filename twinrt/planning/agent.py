@@ -26,8 +26,12 @@ Rules (in this order of priority: must > should > nice; the numbers are module c
   nice-goal improved in the last round; when no rule applies; after ``max_rounds``; or when the
   next round would exceed ``time_budget_s``. The round delivered is the best one: most must-goals
   met, then the highest score.
-* After leaf sequencing, target must-goals that the sequencing cost (typically a few tenths of a
-  Gy of D95%) are restored by plan normalisation: every MU × up to 1 + :data:`NORMALISE_MAX`, never
+* After leaf sequencing, a must-goal that the optimised fluence met but the sequenced plan does not
+  (quantisation to intensity levels costs a few tenths of a Gy of D95% or of an organ's D0.1cc)
+  makes the planner sequence the same fluence again with more intensity levels
+  (:data:`RESEQUENCE_FACTORS`), while the time budget allows; the finer plan is kept only when it
+  meets more must-goals (more segments are not traded for score alone).
+* Then target must-goals that the sequencing still costs are restored by plan normalisation: every MU × up to 1 + :data:`NORMALISE_MAX`, never
   so far that a must-goal that passes fails, kept only when more must-goals are met (or as many,
   with a higher score).
 
@@ -81,6 +85,11 @@ NEIGHBOUR_MM = 10.0
 #: must-goals lost in leaf sequencing, aiming this fraction above the limit.
 NORMALISE_MAX = 0.03
 NORMALISE_HEADROOM = 0.001
+#: Re-sequencing after leaf sequencing lost a must-goal the optimised fluence met: the same fluence
+#: is sequenced again with the set-up's intensity levels times each factor in turn (finer
+#: quantisation, so a smaller loss, at the price of more segments), up to :data:`RESEQUENCE_MAX_LEVELS`.
+RESEQUENCE_FACTORS = (1.5, 2.0)
+RESEQUENCE_MAX_LEVELS = 60
 _DVH_KINDS = ("max_dvh", "min_dvh")
 
 
@@ -567,6 +576,64 @@ def find_conflicts(lookup: Callable[[str], Optional[Structure]], results: Sequen
     return out
 
 
+# ---------------------------------------------------------------------------------------- re-sequencing
+def _resequence_finer(case: Case, goal_set: Any, problem: PlanningProblem, opt: Any, objectives: Sequence[dict[str, Any]],
+                      label: str, planning: PlanningResult, results: list[GoalResult], optimized: Sequence[GoalResult],
+                      score: float, seconds_left: Callable[[], Optional[float]], trace: list[dict[str, Any]],
+                      cancel: Optional[CancelToken] = None) -> tuple[PlanningResult, list[GoalResult], float, bool]:
+    """Sequence ``opt`` again with more intensity levels when sequencing lost a must-goal.
+
+    Only must-goals met by the optimised fluence (``optimized``) and failed by the sequenced plan
+    (``results``) count as lost. Each factor of :data:`RESEQUENCE_FACTORS` is tried in turn while
+    ``seconds_left()`` (``None``: no budget) exceeds the last sequencing time; a finer plan is kept
+    only when it meets more must-goals. Every try is a ``resequence`` step of ``trace``.
+
+    :return: (plan, goal results, score, must_passed) of the plan kept.
+    """
+    from twinrt.planning.workflow import sequence_result
+
+    must_ok = all(r.passed is not False for r in results if r.goal.priority == "must")
+    lost = [r.goal.describe() for r, o in zip(results, optimized)
+            if r.goal.priority == "must" and r.passed is False and o.passed]
+    base = int(problem.setup.levels)
+    seq_s = float(planning.timings_s.get("sequencing_s", 0.0))
+    tried: set[int] = {base}
+    current = base
+    for factor in RESEQUENCE_FACTORS:
+        if not lost or must_ok:
+            break
+        levels = min(int(round(base * factor)), RESEQUENCE_MAX_LEVELS)
+        if levels in tried:
+            continue
+        tried.add(levels)
+        left = seconds_left()
+        if left is not None and left < seq_s:
+            trace.append({"step": "resequence", "levels": levels, "accepted": False,
+                          "reason": f"not tried: {max(left, 0.0):.0f} s of the time budget left, sequencing takes "
+                                    f"{seq_s:.0f} s"})
+            break
+        t0 = time.perf_counter()
+        finer = replace(problem, setup=replace(problem.setup, levels=levels))
+        cand = sequence_result(finer, opt, objectives, label, planning.timings_s, None, cancel)
+        new, new_score, new_ok = evaluate_goals(case, cand.dose, goal_set)
+        before, after = _musts_met(results), _musts_met(new)
+        accepted = after > before
+        trace.append({"step": "resequence", "levels": levels, "accepted": accepted,
+                      "segments": int(cand.sequencing.get("n_segments", 0)),
+                      "total_mu": _round(cand.sequencing.get("total_mu")),
+                      "reason": f"the optimised fluence meets {', '.join(lost)}, the plan sequenced at {current} "
+                                f"levels does not; at {levels} levels {after} must-goal(s) are met instead of {before}"
+                                + ("" if accepted else "; not kept (no better)"),
+                      "goals": [_result_dict(r) for r in new], "score": _round(new_score), "must_passed": new_ok,
+                      "seconds": round(time.perf_counter() - t0, 3)})
+        seq_s = float(cand.timings_s.get("sequencing_s", seq_s))
+        if accepted:
+            planning, results, score, must_ok, current = cand, new, new_score, new_ok, levels
+            lost = [r.goal.describe() for r, o in zip(results, optimized)
+                    if r.goal.priority == "must" and r.passed is False and o.passed]
+    return planning, results, score, must_ok
+
+
 # ---------------------------------------------------------------------------------------- normalisation
 def _normalise_for_coverage(case: Case, goal_set: Any, lookup: Callable[[str], Optional[Structure]],
                             planning: PlanningResult, results: Sequence[GoalResult],
@@ -750,6 +817,13 @@ def virtual_planner(case: Case, goals: Any, setup: Optional[PlanSetup] = None,
     trace.append({"step": "sequenced", "round": best + 1, "goals": [_result_dict(r) for r in final],
                   "score": _round(score), "must_passed": must_ok, "stop_reason": stop_reason,
                   "seconds": round(time.perf_counter() - t0, 3)})
+    if not must_ok:
+        def seconds_left() -> Optional[float]:
+            return None if time_budget_s is None else time_budget_s - (time.perf_counter() - t_start)
+
+        planning, final, score, must_ok = _resequence_finer(case, goal_set, problem, chosen["opt"],
+                                                            chosen["objectives"], label, planning, final,
+                                                            chosen["results"], score, seconds_left, trace, cancel)
     if not must_ok:
         normalised = _normalise_for_coverage(case, goal_set, lookup, planning, final, score)
         if normalised is not None:
