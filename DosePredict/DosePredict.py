@@ -1117,7 +1117,7 @@ class DosePredictTest(CaseModuleTestMixin, ScriptedLoadableModuleTest):
         self.assertEqual(result["roiMap"], {roi: roi for roi in rois})
         # Without a body contour the body thresholded from the CT bounds the dose.
         doseArray = slicer.util.arrayFromVolume(dose)
-        outside = ~body_mask(np.asarray(slicer.util.arrayFromVolume(ct), dtype=np.float32))
+        outside = ~body_mask(np.asarray(slicer.util.arrayFromVolume(ct), dtype=np.float32), ct.GetSpacing())
         self.assertEqual(float(doseArray[outside].max()), 0.0)
         self.assertGreaterEqual(float(doseArray.min()), 0.0)
         # The sample's study holds its reference dose: the prediction is added beside it.

@@ -418,7 +418,6 @@ def _caseToScene(case: Case, scene, doseName, computeDvh, progress) -> dict[str,
 
 def _addSegmentation(scene, case: Case, ct, source: str):
     """One segmentation node on the CT's geometry, one segment per structure."""
-    logic = slicer.vtkSlicerSegmentationsModuleLogic
     ctGrid = case.ct.grid
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{case.patient_id} Structures")
     segmentation.CreateDefaultDisplayNodes()
@@ -430,19 +429,35 @@ def _addSegmentation(scene, case: Case, ct, source: str):
         if not structure.grid.is_same(ctGrid):
             raise GeometryError(f"Structure '{structure.name}' is on a grid other than the CT's; "
                                 "resample it to the CT grid (Structure.on_grid) before adding it")
-        # Building the labelmap in memory (not as a temporary labelmap node) keeps the scene clean
-        # even if Slicer rejects a segment halfway.
-        image = logic.CreateOrientedImageDataFromVolumeNode(ct)
-        image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-        voxels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
-        voxels[:] = np.ascontiguousarray(structure.mask, dtype=np.uint8).reshape(-1)
-        color = [c / 255.0 for c in structure.color]
-        segmentId = segmentation.AddSegmentFromBinaryLabelmapRepresentation(image, structure.name, color)
-        if not segmentId:
-            raise StructureError(f"Slicer refused structure '{structure.name}'", structure.name)
-        segmentation.GetSegmentation().GetSegment(segmentId).SetTag(STRUCTURE_TYPE_TAG, structure.type.name)
-        segmentIds[structure.name] = segmentId
+        segmentIds[structure.name] = addStructureSegment(segmentation, ct, structure)
     return segmentation, segmentIds
+
+
+def addStructureSegment(segmentation, ct, structure: Structure, segmentId: str = "") -> str:
+    """Add ``structure`` (its mask on the CT grid) to ``segmentation`` as a binary-labelmap segment.
+
+    :param segmentation: the ``vtkMRMLSegmentationNode``.
+    :param ct: the CT volume node whose geometry the mask is on.
+    :param structure: name, mask (k, j, i), colour (0..255) and type (stored as segment tag
+        :data:`STRUCTURE_TYPE_TAG`).
+    :param segmentId: the segment ID to use (to replace a segment removed just before, so that
+        references to it survive); empty: Slicer chooses one.
+    :return: the segment ID.
+    :raises StructureError: when Slicer refuses the segment.
+    """
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    # Building the labelmap in memory (not as a temporary labelmap node) keeps the scene clean
+    # even if Slicer rejects a segment halfway.
+    image = logic.CreateOrientedImageDataFromVolumeNode(ct)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    voxels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    voxels[:] = np.ascontiguousarray(structure.mask, dtype=np.uint8).reshape(-1)
+    color = [c / 255.0 for c in structure.color]
+    newId = segmentation.AddSegmentFromBinaryLabelmapRepresentation(image, structure.name, color, segmentId)
+    if not newId:
+        raise StructureError(f"Slicer refused structure '{structure.name}'", structure.name)
+    segmentation.GetSegmentation().GetSegment(newId).SetTag(STRUCTURE_TYPE_TAG, structure.type.name)
+    return newId
 
 
 def addDoseVolume(scene, dose: Dose, studyItem: int, nodeName: str, doseName: Optional[str] = None,
@@ -671,7 +686,7 @@ def findCtVolume(scene):
     return candidates[0]
 
 
-def _checkNoTransform(node) -> None:
+def checkNoTransform(node) -> None:
     if node.GetParentTransformNode() is not None:
         raise GeometryError(f"'{node.GetName()}' is under a transform; harden the transform "
                             "(Data module, right-click > Harden transform) before using it")
@@ -764,7 +779,7 @@ def doseFromVolume(node, name: Optional[str] = None, scale: float = 1.0) -> Dose
     :param name: the dose name; default the node's ``TwinRT.DoseName`` attribute or its name.
     :raises GeometryError: the node is under a transform; :raises DoseError: NaN or negative voxels.
     """
-    _checkNoTransform(node)
+    checkNoTransform(node)
     name = name or node.GetAttribute(DOSE_NAME_ATTRIBUTE) or node.GetName()
     array = np.array(slicer.util.arrayFromVolume(node), dtype=np.float32) * np.float32(scale)
     validate_dose_array(array, name)
@@ -790,7 +805,7 @@ def sceneToCase(scene=None, ctVolumeNode=None, segmentationNode=None) -> Case:
     ct = ctVolumeNode if ctVolumeNode is not None else findCtVolume(scene)
     if not ct.IsA("vtkMRMLScalarVolumeNode") or isDoseVolumeNode(ct):
         raise InvalidInputError(f"'{ct.GetName()}' is not a CT volume; select the planning CT")
-    _checkNoTransform(ct)
+    checkNoTransform(ct)
     ctGrid = volumeGrid(ct)
     # arrayFromVolume is a view on VTK memory; copy so the case outlives the node.
     ctArray = np.array(slicer.util.arrayFromVolume(ct), copy=True)
@@ -803,7 +818,7 @@ def sceneToCase(scene=None, ctVolumeNode=None, segmentationNode=None) -> Case:
                             f"'{ct.GetName()}'; set the CT as its reference geometry in Segment Editor")
     structures = []
     if segmentationNode is not None:
-        _checkNoTransform(segmentationNode)
+        checkNoTransform(segmentationNode)
         segmentation = segmentationNode.GetSegmentation()
         for index in range(segmentation.GetNumberOfSegments()):
             segmentId = segmentation.GetNthSegmentID(index)

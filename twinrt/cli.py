@@ -222,6 +222,25 @@ def _cmd_dose_predict(args: argparse.Namespace) -> int:
     return 2
 
 
+def _cmd_contour(args: argparse.Namespace) -> int:
+    """``twinrt contour classical DICOM_DIR --out OUT`` (issue 6): contours without a model, as RTSTRUCT."""
+    from twinrt.autocontour import classical_contours, merge_structures
+    from twinrt.dicom.folder import export_case, import_case
+    from twinrt.model import Case
+
+    case = import_case(args.dicom_dir)
+    new = classical_contours(case.ct, args.groups)
+    structures, actions = merge_structures(case.structures, new, args.replace)
+    export_case(Case(case.patient_id, case.ct, structures, case.doses, case.plans, dict(case.metadata)), args.out)
+    for name, action in actions.items():
+        s = next(x for x in new if x.name == name)
+        verb = {"add": "added", "replace": "replaced", "keep": "kept the existing"}[action]
+        print(f"{verb} {name}: {float(s.mask.sum()) * case.ct.grid.voxel_volume_cc:.1f} cc")
+    print(f"wrote {args.out} (no model: HU thresholds, morphology, connected components)")
+    print(twinrt.RESEARCH_USE_ONLY)
+    return 0
+
+
 def _add_dose_predict_parser(sub: argparse._SubParsersAction) -> None:
     """The ``dose-predict`` subcommand group."""
     dp = sub.add_parser("dose-predict", help="AI dose prediction (3D U-Net trained on OpenKBP): train, evaluate, "
@@ -299,6 +318,16 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("make-sample", help="(developers) rebuild the bundled sample from ../shared/data")
     m.add_argument("--out", type=Path, default=None)
     _add_dose_predict_parser(sub)
+    ct = sub.add_parser("contour", help="automatic contouring (issue 6; so far: contours without a model)")
+    cts = ct.add_subparsers(dest="contour_command", required=True)
+    cl = cts.add_parser("classical", help="body, lungs, bones and air cavities from the CT's HU (no model); "
+                        "writes the patient folder again with them in the RTSTRUCT")
+    cl.add_argument("dicom_dir", type=Path)
+    cl.add_argument("--out", type=Path, required=True)
+    cl.add_argument("--groups", nargs="+", default=None, metavar="GROUP",
+                    help="any of body, lungs, bones, air (default: all)")
+    cl.add_argument("--replace", action="store_true",
+                    help="replace structures of the same name (default: keep the existing ones)")
     return p
 
 
@@ -324,6 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_make_sample(args)
         if args.command == "dose-predict":
             return _cmd_dose_predict(args)
+        if args.command == "contour":
+            return _cmd_contour(args)
     except TwinRTError as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 2

@@ -29,12 +29,12 @@ from twinrt.dosepredict.config import KNOWN_CHANNELS, MODEL_ROIS, OAR_ROIS, PTV_
 from twinrt.errors import InvalidInputError, StructureError
 from twinrt.geometry import Grid, resample_array
 from twinrt.model import Case
+# One patient outline for all of TwinRT (threshold, largest component, holes filled).
+from twinrt.autocontour.classical import BODY_THRESHOLD_HU, body_mask  # noqa: E402,F401  (re-exported)
 
 #: Median OpenKBP voxel size (mm) along (i, j, k) over the 169 training patients (3.906 mm in-plane,
 #: 2.5 mm slices): the model grid of a resampled case.
 MODEL_SPACING_MM = (3.906, 3.906, 2.5)
-#: Body threshold (HU) for the possible-dose mask of a case that has none.
-BODY_THRESHOLD_HU = -500.0
 #: Organs that only a head-and-neck case has (used by the body-site check).
 HEAD_NECK_ORGANS = ("Brainstem", "RightParotid", "LeftParotid", "Larynx", "Mandible")
 #: Tolerance (Gy) when a PTV name or prescription is matched to PTV56/PTV63/PTV70.
@@ -278,19 +278,6 @@ class PreparedInput:
     warnings: list[str] = field(default_factory=list)
 
 
-def body_mask(ct_hu: np.ndarray, threshold_hu: float = BODY_THRESHOLD_HU) -> np.ndarray:
-    """Body: HU > ``threshold_hu``, largest connected component, holes filled (bool)."""
-    from scipy import ndimage
-
-    m = ct_hu > threshold_hu
-    labels, n = ndimage.label(m)
-    if n > 1:
-        sizes = np.bincount(labels.ravel())
-        sizes[0] = 0
-        m = labels == int(np.argmax(sizes))
-    return ndimage.binary_fill_holes(m)
-
-
 #: Voxel sizes (mm) of the OpenKBP training grids, widened a little: (in-plane, slice) ranges.
 OPENKBP_SPACING_RANGE_MM = ((2.5, 5.5), (1.25, 3.5))
 
@@ -451,9 +438,9 @@ def prepare_case(case: Case, config: InputConfig, roi_map: Optional[Mapping[str,
         if resampled:
             pdm = resample_array(pdm.astype(np.float32), ct_grid, grid, order=1) >= 0.5
     else:
-        pdm = body_mask(ct)
+        pdm = body_mask(ct, grid.spacing_mm)
         warnings.append(f"No possible-dose mask given: the body (HU > {BODY_THRESHOLD_HU:.0f}, largest connected "
-                        "region) is used")
+                        "region, holes filled) is used")
     ptv_union = np.zeros(shape, dtype=bool)
     for roi in ptvs:
         ptv_union |= masks[roi]

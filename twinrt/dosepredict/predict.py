@@ -234,7 +234,7 @@ class DosePredictor:
                 keep = np.asarray(given, dtype=bool)
             else:
                 support = resample_array(prep.possible_dose_mask.astype(np.float32), prep.grid, case.ct.grid, order=1)
-                keep = body_mask(np.asarray(case.ct.array)) & (support > 0)
+                keep = body_mask(np.asarray(case.ct.array), case.ct.grid.spacing_mm) & (support > 0)
             for d in (dose, std):
                 if d is not None:
                     d.array[~keep] = 0.0
