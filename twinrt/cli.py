@@ -241,6 +241,60 @@ def _cmd_contour(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_contour_sam(args: argparse.Namespace) -> int:
+    """``twinrt contour sam-register|sam-models|sam`` (issue 6): Segment Anything checkpoints and prompts."""
+    from twinrt.autocontour import sam as samlib
+
+    if args.contour_command == "sam-register":
+        entry = samlib.register_checkpoint(args.checkpoint, args.model_type, args.id, args.models_dir)
+        print(f"registered {entry['id']} ({entry['model_type']}, sha256 {entry['sha256']}) in "
+              f"{samlib.sam_models_dir(args.models_dir)}")
+        return 0
+    if args.contour_command == "sam-models":
+        entries = samlib.list_checkpoints(args.models_dir)
+        for e in entries:
+            print(f"{e['id']:<24} {e['model_type']:<6} {e.get('sizeMB', 0):8.1f} MB  sha256 {e['sha256']}")
+        if not entries:
+            print(f"no SAM checkpoint registered in {samlib.sam_models_dir(args.models_dir)}")
+        return 0
+    from twinrt.autocontour import merge_structures
+    from twinrt.dicom.folder import export_case, import_case
+    from twinrt.errors import InvalidInputError
+    from twinrt.model import Case, Structure, StructureType
+
+    if not args.point and not args.box:
+        raise InvalidInputError("Give at least one --point I J (or --negative I J) or a --box I0 J0 I1 J1")
+    case = import_case(args.dicom_dir)
+    path = Path(args.model)
+    loaded = (samlib.load_sam(path, args.model_type) if path.suffix in (".pth", ".pt")
+              else samlib.load_registered(args.model, args.models_dir))
+    points = [tuple(p) for p in (args.point or [])] + [tuple(p) for p in (args.negative or [])]
+    labels = [1] * len(args.point or []) + [0] * len(args.negative or [])
+    mask, rep = samlib.segment_structure(np.asarray(case.ct.array), samlib.SliceSegmenter(loaded), args.slice,
+                                         points or None, labels or None, args.box, not args.no_propagate,
+                                         args.max_slices, progress=_print_progress)
+    new = Structure(args.name, mask, case.ct.grid, (255, 255, 0), StructureType.guess(args.name))
+    structures, actions = merge_structures(case.structures, [new], args.replace)
+    if actions[args.name] == "keep":
+        raise InvalidInputError(f"The patient already has a structure '{args.name}'; choose another --name or "
+                                "pass --replace")
+    out_case = Case(case.patient_id, case.ct, structures, case.doses, case.plans, dict(case.metadata))
+    from twinrt.audit import AuditLog
+
+    # The AI action goes to the case's audit log (exported as AUDIT.jsonl) with the model's identity.
+    AuditLog.of_case(out_case).ai_action(
+        f"Segment Anything contoured '{args.name}' (research use only)",
+        {"model": "segment-anything", "model_id": loaded.model_id or loaded.path.name,
+         "model_type": loaded.model_type, "sha256": loaded.sha256, **rep})
+    export_case(out_case, args.out)
+    print(f"{args.name}: {float(mask.sum()) * case.ct.grid.voxel_volume_cc:.1f} cc on slices "
+          f"{', '.join(str(int(k)) for k in np.nonzero(mask.any(axis=(1, 2)))[0][[0, -1]]) if mask.any() else '-'}; "
+          f"{rep.get('stopped', {})}")
+    print(f"model {loaded.model_id or loaded.path.name} ({loaded.model_type}, sha256 {loaded.sha256}); wrote {args.out}")
+    print(twinrt.RESEARCH_USE_ONLY)
+    return 0
+
+
 def _add_dose_predict_parser(sub: argparse._SubParsersAction) -> None:
     """The ``dose-predict`` subcommand group."""
     dp = sub.add_parser("dose-predict", help="AI dose prediction (3D U-Net trained on OpenKBP): train, evaluate, "
@@ -328,6 +382,32 @@ def build_parser() -> argparse.ArgumentParser:
                     help="any of body, lungs, bones, air (default: all)")
     cl.add_argument("--replace", action="store_true",
                     help="replace structures of the same name (default: keep the existing ones)")
+    sr = cts.add_parser("sam-register", help="import a Segment Anything / MedSAM checkpoint you downloaded "
+                        "(checked, copied, sha256 recorded)")
+    sr.add_argument("checkpoint", type=Path)
+    sr.add_argument("--model-type", required=True, choices=["vit_b", "vit_l", "vit_h"], help="MedSAM is vit_b")
+    sr.add_argument("--id", default=None, help="model id (default: the file name)")
+    sr.add_argument("--models-dir", type=Path, default=None, help="models folder (default $TWINRT_MODELS_DIR "
+                    "or ~/.twinrt/models); checkpoints go to its sam/ sub-folder")
+    sm = cts.add_parser("sam-models", help="list the registered Segment Anything checkpoints")
+    sm.add_argument("--models-dir", type=Path, default=None)
+    sa = cts.add_parser("sam", help="prompt Segment Anything on one slice of a DICOM patient, propagate through "
+                        "the neighbouring slices, write the structure into the RTSTRUCT")
+    sa.add_argument("dicom_dir", type=Path)
+    sa.add_argument("--out", type=Path, required=True)
+    sa.add_argument("--model", required=True, help="registered id, or a .pth file (then give --model-type)")
+    sa.add_argument("--model-type", default="vit_b", choices=["vit_b", "vit_l", "vit_h"])
+    sa.add_argument("--models-dir", type=Path, default=None)
+    sa.add_argument("--slice", type=int, required=True, help="slice index k (0 = first slice of the CT)")
+    sa.add_argument("--point", type=float, nargs=2, action="append", metavar=("I", "J"),
+                    help="a voxel (column i, row j) inside the structure; repeatable")
+    sa.add_argument("--negative", type=float, nargs=2, action="append", metavar=("I", "J"),
+                    help="a voxel outside the structure; repeatable")
+    sa.add_argument("--box", type=float, nargs=4, metavar=("I0", "J0", "I1", "J1"), help="a box around it (voxels)")
+    sa.add_argument("--name", required=True, help="structure name")
+    sa.add_argument("--no-propagate", action="store_true", help="segment the prompted slice only")
+    sa.add_argument("--max-slices", type=int, default=None, help="propagate at most this many slices each way")
+    sa.add_argument("--replace", action="store_true", help="replace a structure of the same name")
     return p
 
 
@@ -354,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "dose-predict":
             return _cmd_dose_predict(args)
         if args.command == "contour":
-            return _cmd_contour(args)
+            return _cmd_contour(args) if args.contour_command == "classical" else _cmd_contour_sam(args)
     except TwinRTError as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 2

@@ -2,8 +2,12 @@
 
 * :mod:`~twinrt.autocontour.classical` — contours without any weights: body (External), lungs,
   bones and air cavities from HU thresholds, morphology and connected components.
+* :mod:`~twinrt.autocontour.sam` — Segment Anything (SAM/MedSAM, user-supplied checkpoints)
+  point/box prompts on a slice, propagated through the neighbouring slices; torch and
+  segment-anything are imported only when used (:mod:`~twinrt.autocontour.tv_compat` stands in
+  for torchvision where it cannot load).
 
-The MONAI organ-at-risk network and the Segment Anything prompts of issue 6 are not built yet.
+The MONAI organ-at-risk network of issue 6 is not built yet.
 """
 
 from twinrt.autocontour.classical import (GROUPS, STRUCTURES, check_ct, classical_contours, merge_actions,

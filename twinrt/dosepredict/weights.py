@@ -17,7 +17,6 @@ predict silently.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -28,7 +27,7 @@ from typing import Any, Optional
 
 from twinrt.dosepredict.config import DosePredictConfig
 from twinrt.errors import InvalidInputError, MissingInputError
-from twinrt.io_utils import atomic_path, write_text_atomic
+from twinrt.io_utils import atomic_path, sha256_file, write_text_atomic  # noqa: F401  (sha256_file re-exported)
 
 MODELS_JSON = "models.json"
 SCHEMA_JSON = "models.schema.json"
@@ -56,15 +55,6 @@ def user_models_dir() -> Path:
 def model_dirs() -> list[Path]:
     """The folders searched for models, in order (module docstring)."""
     return [user_models_dir(), package_models_dir()]
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- schema
