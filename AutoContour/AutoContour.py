@@ -194,13 +194,103 @@ class AutoContourLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         :raises InvalidInputError: not a CT volume, not HU, too small or too large, an unknown group,
             or a segmentation that references another volume; the scene is left as it was.
         """
+        from twinrt.autocontour import classical_contours
+        from twinrt.model import Image
+
+        ct = self._checkInputs(inputVolume, outputSegmentation)
+        # All computation (and every refusal) before the scene is touched.
+        structures = classical_contours(Image(ct, self._grid(inputVolume)), groups)
+        result = self._writeStructures(inputVolume, outputSegmentation, structures, replaceExisting,
+                                       self.CLASSICAL_MODEL_ID, "", self.CLASSICAL_METHOD)
+        self.log(f"AutoContour (no model): added {', '.join(result['added']) or 'nothing'}; replaced "
+                 f"{', '.join(result['replaced']) or 'nothing'}; kept the existing {', '.join(result['kept']) or '-'}")
+        return result
+
+    def contourWithPrompts(self, inputVolume, outputSegmentation, modelId: str, positivePoints, negativePoints=None,
+                           boxRoi=None, segmentName: str = "SAM structure", propagate: bool = True,
+                           maxSlices=None, replaceExisting: bool = False, modelsDir=None) -> dict:
+        """Segment Anything: prompts on one axial slice → a segment, propagated through the neighbouring slices.
+
+        Runs in this process (a vit_b forward pass is seconds per slice on a CPU; the worker process
+        of issue 6 is not built yet).
+
+        :param inputVolume: the planning CT (HU).
+        :param outputSegmentation: segmentation to add to (None: a new one on the CT).
+        :param modelId: a registered SAM/MedSAM checkpoint (``twinrt contour sam-register``) or a
+            ``.pth`` path (a vit_b then).
+        :param positivePoints: markups node (``vtkMRMLMarkupsFiducialNode``) of points inside the
+            structure, or None; ``negativePoints``: points outside it. All on one axial slice.
+        :param boxRoi: optional markups ROI node: its extent on that slice is the box prompt.
+        :param segmentName: the new segment's name.
+        :param propagate: carry the mask through the neighbouring slices; ``maxSlices`` each way at most.
+        :param replaceExisting: replace a segment of the same name (else such a name is refused).
+        :param modelsDir: models folder (default ``$TWINRT_MODELS_DIR`` or ``~/.twinrt/models``).
+        :return: ``segmentation``, ``added``, ``replaced``, ``kept``, ``report`` (prompt slice, score,
+            slices propagated and why each direction stopped), ``modelId``, ``sha256``.
+        :raises InvalidInputError: no prompt, points on several slices or outside the CT, a model that
+            cannot be loaded, an existing segment of that name; the scene is left as it was.
+        """
+        from pathlib import Path
+
+        from twinrt.autocontour import merge_actions
+        from twinrt.autocontour import sam as samlib
+        from twinrt.errors import InvalidInputError
+        from twinrt.model import Structure, StructureType
+
+        ct = self._checkInputs(inputVolume, outputSegmentation)
+        if not str(segmentName).strip():
+            raise InvalidInputError("Give the new segment a name")
+        points, labels = [], []
+        for node, label in ((positivePoints, 1), (negativePoints, 0)):
+            for ijk in self._markupsToIjk(inputVolume, node):
+                points.append(ijk)
+                labels.append(label)
+        box = self._roiToIjkBox(inputVolume, boxRoi) if boxRoi is not None else None
+        if not points and box is None:
+            raise InvalidInputError("Place at least one point (or a box) on the structure to prompt Segment Anything")
+        slices = sorted({int(round(p[2])) for p in points} | ({box[4]} if box else set()))
+        if len(slices) > 1:
+            raise InvalidInputError(f"The prompts lie on slices {', '.join(map(str, slices))}; place them all on one "
+                                    "axial slice")
+        k = slices[0]
+        if not 0 <= k < ct.shape[0]:
+            raise InvalidInputError(f"The prompts lie outside the CT (slice {k} of {ct.shape[0]})")
+        if outputSegmentation is not None:
+            names = [outputSegmentation.GetSegmentation().GetNthSegment(i).GetName()
+                     for i in range(outputSegmentation.GetSegmentation().GetNumberOfSegments())]
+            if merge_actions(names, [segmentName], replaceExisting)[segmentName] == "keep":
+                taken = next(n for n in names if n.lower() == str(segmentName).lower())
+                raise InvalidInputError(f"'{outputSegmentation.GetName()}' already has a segment '{taken}'; "
+                                        "choose another name or ask to replace it")
+        path = Path(str(modelId))
+        loaded = (samlib.load_sam(path, "vit_b") if path.suffix in (".pth", ".pt")
+                  else samlib.load_registered(str(modelId), modelsDir))
+        mask, report = samlib.segment_structure(ct, samlib.SliceSegmenter(loaded), k,
+                                                [(p[0], p[1]) for p in points] or None, labels or None,
+                                                box[:4] if box else None, propagate, maxSlices)
+        if not mask.any():
+            raise InvalidInputError("Segment Anything returned an empty mask for these prompts; move or add points")
+        structure = Structure(segmentName, mask, self._grid(inputVolume), (230, 220, 70), StructureType.guess(segmentName))
+        modelName = loaded.model_id or loaded.path.name
+        result = self._writeStructures(inputVolume, outputSegmentation, [structure], replaceExisting, modelName,
+                                       loaded.sha256, f"Segment Anything ({loaded.model_type}) prompts on slice {k}")
+        self.log(f"AutoContour (Segment Anything {modelName}, sha256 {loaded.sha256[:12]}…): '{segmentName}' on "
+                 f"{int(mask.any(axis=(1, 2)).sum())} slice(s); {report.get('stopped', {})}")
+        return {**result, "report": report, "modelId": modelName, "sha256": loaded.sha256}
+
+    # -- helpers -------------------------------------------------------------------------------
+    @staticmethod
+    def _grid(volumeNode):
+        from TwinRTCommon import mrmlio
+
+        return mrmlio.volumeGrid(volumeNode)
+
+    def _checkInputs(self, inputVolume, outputSegmentation):
+        """Refuse a missing/transformed CT or a segmentation of another volume; the CT array (k, j, i)."""
         import numpy as np
 
-        import twinrt
         from TwinRTCommon import mrmlio
-        from twinrt.autocontour import classical_contours, merge_actions
         from twinrt.errors import InvalidInputError
-        from twinrt.model import Image
 
         checkCtVolume(inputVolume, _("planning CT"))
         mrmlio.checkNoTransform(inputVolume)
@@ -210,10 +300,55 @@ class AutoContourLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
             if reference and reference != inputVolume.GetID():
                 raise InvalidInputError(f"Segmentation '{outputSegmentation.GetName()}' is drawn on another volume; "
                                         "choose a segmentation of this CT or let AutoContour create one")
-        # All computation (and every refusal) before the scene is touched.
-        grid = mrmlio.volumeGrid(inputVolume)
-        ct = Image(np.array(slicer.util.arrayFromVolume(inputVolume)), grid)
-        structures = classical_contours(ct, groups)
+        return np.array(slicer.util.arrayFromVolume(inputVolume))
+
+    @staticmethod
+    def _rasToIjk(volumeNode, ras):
+        import numpy as np
+        import vtk
+
+        m = vtk.vtkMatrix4x4()
+        volumeNode.GetRASToIJKMatrix(m)
+        ijk = m.MultiplyPoint([float(ras[0]), float(ras[1]), float(ras[2]), 1.0])
+        return np.array(ijk[:3])
+
+    def _markupsToIjk(self, volumeNode, markupsNode):
+        """(i, j, k) voxel coordinates (floats) of a markups node's control points (world RAS)."""
+        if markupsNode is None:
+            return []
+        out = []
+        for index in range(markupsNode.GetNumberOfControlPoints()):
+            ras = [0.0, 0.0, 0.0]
+            markupsNode.GetNthControlPointPositionWorld(index, ras)
+            out.append(tuple(float(v) for v in self._rasToIjk(volumeNode, ras)))
+        return out
+
+    def _roiToIjkBox(self, volumeNode, roiNode):
+        """(i0, j0, i1, j1, k) of a markups ROI: its corners in voxels, on the slice of its centre."""
+        import itertools
+
+        import numpy as np
+
+        center, size = [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]
+        roiNode.GetCenterWorld(center)
+        size = list(roiNode.GetSizeWorld()) if hasattr(roiNode, "GetSizeWorld") else list(roiNode.GetSize())
+        corners = [self._rasToIjk(volumeNode, [c + s * h / 2.0 for c, s, h in zip(center, signs, size)])
+                   for signs in itertools.product((-1.0, 1.0), repeat=3)]
+        c = np.array(corners)
+        k = int(round(float(self._rasToIjk(volumeNode, center)[2])))
+        return (float(c[:, 0].min()), float(c[:, 1].min()), float(c[:, 0].max()), float(c[:, 1].max()), k)
+
+    def _writeStructures(self, inputVolume, outputSegmentation, structures, replaceExisting, modelId, sha256, method):
+        """Add ``structures`` to the segmentation (a new one on the CT when None) in one transaction.
+
+        Existing segments of the same name are kept unless ``replaceExisting`` (then replaced under
+        their segment ID). Segments and the segmentation carry the model id, sha256, method and the
+        research-use label.
+        """
+        import twinrt
+        from TwinRTCommon import mrmlio
+        from twinrt.autocontour import merge_actions
+
         scene = inputVolume.GetScene() or slicer.mrmlScene
         added, replaced, kept = [], [], []
         with mrmlio.sceneTransaction(scene):
@@ -248,15 +383,14 @@ class AutoContourLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
                     segmentation.RemoveSegment(segmentId)
                 newId = mrmlio.addStructureSegment(segmentationNode, inputVolume, structure, segmentId)
                 segment = segmentation.GetSegment(newId)
-                segment.SetTag(self.MODEL_ID_ATTRIBUTE, self.CLASSICAL_MODEL_ID)
-                segment.SetTag(self.METHOD_ATTRIBUTE, self.CLASSICAL_METHOD)
+                segment.SetTag(self.MODEL_ID_ATTRIBUTE, modelId)
+                segment.SetTag(self.WEIGHTS_SHA256_ATTRIBUTE, sha256)
+                segment.SetTag(self.METHOD_ATTRIBUTE, method)
             if added or replaced:
-                segmentationNode.SetAttribute(self.MODEL_ID_ATTRIBUTE, self.CLASSICAL_MODEL_ID)
-                segmentationNode.SetAttribute(self.WEIGHTS_SHA256_ATTRIBUTE, "")
-                segmentationNode.SetAttribute(self.METHOD_ATTRIBUTE, self.CLASSICAL_METHOD)
+                segmentationNode.SetAttribute(self.MODEL_ID_ATTRIBUTE, modelId)
+                segmentationNode.SetAttribute(self.WEIGHTS_SHA256_ATTRIBUTE, sha256)
+                segmentationNode.SetAttribute(self.METHOD_ATTRIBUTE, method)
                 segmentationNode.SetAttribute(mrmlio.RESEARCH_USE_ATTRIBUTE, twinrt.RESEARCH_USE_ONLY)
-        self.log(f"AutoContour (no model): added {', '.join(added) or 'nothing'}; replaced "
-                 f"{', '.join(replaced) or 'nothing'}; kept the existing {', '.join(kept) or '-'}")
         return {"segmentation": segmentationNode, "added": added, "replaced": replaced, "kept": kept}
 
 
@@ -287,7 +421,8 @@ class AutoContourTest(CaseModuleTestMixin, ScriptedLoadableModuleTest):
 
     def runTest(self):
         """Run all tests of this module (Slicer's ctest and Reload and Test call only this)."""
-        self.runCaseModuleTests(self.test_ClassicalContoursKeepTheUsersSegments, self.test_ClassicalContoursBadInput)
+        self.runCaseModuleTests(self.test_ClassicalContoursKeepTheUsersSegments, self.test_ClassicalContoursBadInput,
+                                self.test_ContourWithPrompts)
 
     def test_ClassicalContoursKeepTheUsersSegments(self):
         """A new segmentation on the CT, then merging into the user's: kept unless asked, replaced in place."""
@@ -336,6 +471,87 @@ class AutoContourTest(CaseModuleTestMixin, ScriptedLoadableModuleTest):
             self.assertTrue(np.array_equal(mrmlio.segmentMask(userSegmentation, segmentId, ct), array), name)
         self.delayDisplay("Test passed")
 
+    def test_ContourWithPrompts(self):
+        """Markups (RAS) → voxel prompts on the right slice → a propagated segment with the model's identity.
+
+        A tiny random SAM (segment-anything's classes) is registered and loaded through the real
+        registry; its slice masks are replaced by a 2-voxel disk around the prompt point, so that
+        the RAS → (i, j, k) conversion and the propagation can be checked exactly.
+        """
+        import tempfile
+
+        import numpy as np
+        import torch
+        import vtk
+
+        from TwinRTCommon import mrmlio
+        from twinrt.autocontour import sam as samlib
+        from twinrt.autocontour.tv_compat import ensure_torchvision
+        from twinrt.errors import InvalidInputError, MissingInputError
+
+        ensure_torchvision()  # segment_anything imports torchvision when imported
+        import segment_anything
+
+        self.delayDisplay("Segment Anything prompts")
+        logic = AutoContourLogic()
+        created = logic.caseToScene(_syntheticCase())
+        ct = created["ct"]
+        models = tempfile.mkdtemp()
+        checkpoint = f"{models}/tiny.pth"
+        torch.save(_tinySam().state_dict(), checkpoint)
+        entry = samlib.register_checkpoint(checkpoint, "vit_b", "tiny", models, builder=_tinySam)
+        registry = dict(segment_anything.sam_model_registry)
+        originalSegment = samlib.SliceSegmenter.segment
+
+        def disk(segmenter, sliceHu, points=None, labels=None, box=None):
+            jj, ii = np.mgrid[:sliceHu.shape[0], :sliceHu.shape[1]]
+            i, j = points[0]
+            return (ii - i) ** 2 + (jj - j) ** 2 <= 4.0, 0.9
+
+        segment_anything.sam_model_registry["vit_b"] = lambda checkpoint=None: _tinySam()
+        samlib.SliceSegmenter.segment = disk
+        try:
+            ijkToRas = vtk.vtkMatrix4x4()
+            ct.GetIJKToRASMatrix(ijkToRas)
+            ras = ijkToRas.MultiplyPoint([8.0, 7.0, 5.0, 1.0])[:3]  # voxel (i, j, k) = (8, 7, 5)
+            points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Inside")
+            points.AddControlPoint(vtk.vtkVector3d(*ras))
+            result = logic.contourWithPrompts(ct, None, "tiny", points, segmentName="GTV", maxSlices=2, modelsDir=models)
+            segmentation = result["segmentation"]
+            segmentId = segmentation.GetSegmentation().GetSegmentIdBySegmentName("GTV")
+            mask = mrmlio.segmentMask(segmentation, segmentId, ct)
+            self.assertTrue(mask[5, 7, 8])  # the prompt voxel, in (k, j, i)
+            self.assertEqual(np.nonzero(mask.any(axis=(1, 2)))[0].tolist(), [3, 4, 5, 6, 7])  # k = 5 ± 2
+            self.assertEqual(result["report"]["prompt_slice"], 5)
+            segment = segmentation.GetSegmentation().GetSegment(segmentId)
+            for tag, expected in ((logic.MODEL_ID_ATTRIBUTE, "tiny"), (logic.WEIGHTS_SHA256_ATTRIBUTE, entry["sha256"])):
+                value = vtk.reference("")
+                self.assertTrue(segment.GetTag(tag, value))
+                self.assertEqual(str(value), expected)
+            self.assertEqual(result["sha256"], entry["sha256"])
+
+            # Bad prompts: nothing placed, points on two slices, a name already taken; scene unchanged.
+            empty = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Empty")
+            before = mrmlio.nodeIds(slicer.mrmlScene)
+            with self.assertRaisesRegex(InvalidInputError, "at least one point"):
+                logic.contourWithPrompts(ct, segmentation, "tiny", empty, modelsDir=models)
+            other = ijkToRas.MultiplyPoint([8.0, 7.0, 7.0, 1.0])[:3]
+            points.AddControlPoint(vtk.vtkVector3d(*other))
+            with self.assertRaisesRegex(InvalidInputError, "slices 5, 7"):
+                logic.contourWithPrompts(ct, segmentation, "tiny", points, modelsDir=models)
+            points.RemoveNthControlPoint(1)
+            with self.assertRaisesRegex(InvalidInputError, "already has a segment 'GTV'"):
+                logic.contourWithPrompts(ct, segmentation, "tiny", points, segmentName="gtv", modelsDir=models)
+            with self.assertRaisesRegex(MissingInputError, "register"):
+                logic.contourWithPrompts(ct, segmentation, "absent-model", points, segmentName="X", modelsDir=models)
+            self.assertEqual(mrmlio.nodeIds(slicer.mrmlScene), before)
+            self.assertEqual(segmentation.GetSegmentation().GetNumberOfSegments(), 1)
+        finally:
+            segment_anything.sam_model_registry.clear()
+            segment_anything.sam_model_registry.update(registry)
+            samlib.SliceSegmenter.segment = originalSegment
+        self.delayDisplay("Test passed")
+
     def test_ClassicalContoursBadInput(self):
         """A volume that is not a CT in HU, or a segmentation of another volume: typed errors, scene unchanged."""
         import numpy as np
@@ -364,6 +580,29 @@ class AutoContourTest(CaseModuleTestMixin, ScriptedLoadableModuleTest):
         self.assertEqual(mrmlio.nodeIds(slicer.mrmlScene), before)
         self.assertEqual(created["segmentation"].GetSegmentation().GetNumberOfSegments(), userSegments)
         self.delayDisplay("Test passed")
+
+
+def _tinySam():
+    """A tiny, randomly initialised SAM built from segment-anything's own classes (64-pixel images).
+
+    No SAM/MedSAM checkpoint can be downloaded for tests: this one exercises the checkpoint,
+    registry and prompt plumbing; its masks are meaningless.
+    """
+    import torch
+
+    from twinrt.autocontour.tv_compat import ensure_torchvision
+
+    ensure_torchvision()
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    torch.manual_seed(0)
+    return Sam(image_encoder=ImageEncoderViT(img_size=64, patch_size=16, embed_dim=32, depth=1, num_heads=2,
+                                             out_chans=32),
+               prompt_encoder=PromptEncoder(embed_dim=32, image_embedding_size=(4, 4), input_image_size=(64, 64),
+                                            mask_in_chans=4),
+               mask_decoder=MaskDecoder(transformer_dim=32, num_multimask_outputs=3, iou_head_depth=1,
+                                        iou_head_hidden_dim=16,
+                                        transformer=TwoWayTransformer(depth=1, embedding_dim=32, mlp_dim=64, num_heads=2)))
 
 
 def _syntheticCase():
