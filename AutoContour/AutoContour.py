@@ -15,7 +15,8 @@ from slicer.ScriptedLoadableModule import *
 from slicer.util import VTKObservationMixin
 from slicer.parameterNodeWrapper import parameterNodeWrapper
 
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer import (vtkMRMLMarkupsFiducialNode, vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode,
+                    vtkMRMLSegmentationNode)
 
 from TwinRTCommon.logic import CaseLogicMixin, checkCtVolume
 from TwinRTCommon.testing import CaseModuleTestMixin
@@ -81,11 +82,23 @@ class AutoContourParameterNode:
     inputVolume - planning CT to contour.
     outputSegmentation - segmentation that receives the structures (created when empty).
     modelId - contouring model from Resources/models.json (empty: the default model).
+    samModel - registered SAM/MedSAM checkpoint id (or a vit_b .pth path) for prompts.
+    positivePoints, negativePoints - point lists inside / outside the structure (one axial slice).
+    promptBox - optional ROI around the structure on that slice.
+    samSegmentName - name of the segment Segment Anything makes.
+    propagate - carry the mask through neighbouring slices; maxSlices - at most this many each way (0: no limit).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
     outputSegmentation: vtkMRMLSegmentationNode
     modelId: str = ""
+    samModel: str = ""
+    positivePoints: vtkMRMLMarkupsFiducialNode
+    negativePoints: vtkMRMLMarkupsFiducialNode
+    promptBox: vtkMRMLMarkupsROINode
+    samSegmentName: str = "SAM structure"
+    propagate: bool = True
+    maxSlices: int = 0
 
 
 #
@@ -107,6 +120,7 @@ class AutoContourWidget(CaseModuleWidgetMixin, ScriptedLoadableModuleWidget, VTK
         ScriptedLoadableModuleWidget.setup(self)
         self.setupCaseModule(AutoContourLogic())
         self.ui.classicalButton.connect("clicked(bool)", self.onClassicalButton)
+        self.ui.samButton.connect("clicked(bool)", self.onSamButton)
 
     # Apply needs the planning CT.
     applyRequires = ("inputVolume",)
@@ -119,6 +133,15 @@ class AutoContourWidget(CaseModuleWidgetMixin, ScriptedLoadableModuleWidget, VTK
             parameters = self._parameterNode
             result = self.logic.contourClassical(parameters.inputVolume, parameters.outputSegmentation)
             parameters.outputSegmentation = result["segmentation"]
+
+    def onSamButton(self) -> None:
+        """Segment Anything on the placed prompts into the selected segmentation (a new one when none)."""
+        with slicer.util.tryWithErrorDisplay(_("Failed to segment from the prompts."), waitCursor=True):
+            p = self._parameterNode
+            result = self.logic.contourWithPrompts(p.inputVolume, p.outputSegmentation, p.samModel, p.positivePoints,
+                                                   p.negativePoints, p.promptBox, p.samSegmentName, p.propagate,
+                                                   p.maxSlices or None)
+            p.outputSegmentation = result["segmentation"]
 
     def onApplyButton(self) -> None:
         """Run the stage; until issue 6 lands this reports that it is not available."""
@@ -417,7 +440,9 @@ class AutoContourTest(CaseModuleTestMixin, ScriptedLoadableModuleTest):
     stageIssueText = "issue 6"
     parameterNodes = {"inputVolume": "ct"}
     parameterValues = {"modelId": "test-model"}
-    parameterDefaults = {"outputSegmentation": None}  # created by the stage when left empty
+    parameterDefaults = {"outputSegmentation": None,  # created by the stage when left empty
+                         "positivePoints": None, "negativePoints": None, "promptBox": None,
+                         "samSegmentName": "SAM structure", "propagate": True, "maxSlices": 0}
 
     def runTest(self):
         """Run all tests of this module (Slicer's ctest and Reload and Test call only this)."""
