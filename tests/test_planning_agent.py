@@ -143,6 +143,12 @@ def test_conflicts_name_only_binding_goals():
     rs = results(60.0, 50.0)
     conflicts = find_conflicts(lookup, rs, rs, 3)
     assert conflicts[0]["opposing"] == [] and "beam angles" in conflicts[0]["text"]
+    # Met by the optimised fluence, lost in sequencing: the text says what was tried, or suggests it.
+    optimized = [GoalResult(goals[0], 60.5, True, 0.5)] + rs[1:]
+    lost = find_conflicts(lookup, rs, optimized, 3)[0]["text"]
+    assert "not after leaf sequencing" in lost and "more intensity levels" in lost
+    tried = find_conflicts(lookup, rs, optimized, 3, {"levels": 40, "normalised": True})[0]["text"]
+    assert "up to 40 intensity levels and plan normalisation did not restore it" in tried
 
 
 def test_normalisation_restores_target_coverage_lost_in_sequencing(agent_run):

@@ -524,8 +524,12 @@ def _gap_mm(a: Structure, b: Structure) -> tuple[float, float]:
 
 
 def find_conflicts(lookup: Callable[[str], Optional[Structure]], results: Sequence[GoalResult], optimized: Sequence[GoalResult],
-                   rounds: int) -> list[dict[str, Any]]:
+                   rounds: int, sequencing_tried: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
     """Explain every must-goal that fails on the delivered dose.
+
+    ``sequencing_tried`` (``levels``: the most intensity levels tried, ``normalised``: whether plan
+    normalisation was tried) makes the text for a goal lost in leaf sequencing say what the
+    planner already did about it, instead of suggesting it.
 
     Opposing goals: goals with the other comparator on the same structure, or on a structure that
     overlaps it or lies within :data:`NEIGHBOUR_MM` (a target's lower limit against an organ's
@@ -562,8 +566,14 @@ def find_conflicts(lookup: Callable[[str], Optional[Structure]], results: Sequen
                                             f"fall from one limit to the other"))
         opposing.sort(key=lambda x: (x[0], x[1], PRIORITIES.index(x[2].priority)))
         if ro.passed:
-            text = f"'{g.describe()}' is met by the optimised fluence but not after leaf sequencing " \
-                   f"({r.explanation}); more intensity levels or smaller segments may keep it."
+            text = f"'{g.describe()}' is met by the optimised fluence but not after leaf sequencing ({r.explanation}); "
+            tried = sequencing_tried or {}
+            if tried.get("levels"):
+                text += f"sequencing again at up to {tried['levels']} intensity levels" + \
+                        (" and plan normalisation" if tried.get("normalised") else "") + \
+                        " did not restore it: raise its priority or weight, or relax a goal that competes with it."
+            else:
+                text += "more intensity levels or smaller segments may keep it."
         elif opposing:
             # Each opposing goal with its own reason (two goals may oppose for different reasons).
             names = " and ".join(f"'{x[2].describe()}' ({x[3]})" for x in opposing[:2])
@@ -829,7 +839,10 @@ def virtual_planner(case: Case, goals: Any, setup: Optional[PlanSetup] = None,
         if normalised is not None:
             planning, final, score, must_ok, step = normalised
             trace.append(step)
-    conflicts = find_conflicts(lookup, final, chosen["results"], len(rounds))
+    tried = {"levels": max([int(t["levels"]) for t in trace if t["step"] == "resequence" and "segments" in t],
+                           default=0),
+             "normalised": any(t["step"] == "normalise" for t in trace)}
+    conflicts = find_conflicts(lookup, final, chosen["results"], len(rounds), tried)
     trace[-1]["conflicts"] = [c["text"] for c in conflicts]
     return AgentResult(planning, chosen["objectives"], goal_list, final, chosen["results"], score, must_ok, trace,
                        conflicts, best + 1, len(rounds), stop_reason, time.perf_counter() - t_start)
