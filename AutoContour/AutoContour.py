@@ -347,15 +347,21 @@ class AutoContourLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         return out
 
     def _roiToIjkBox(self, volumeNode, roiNode):
-        """(i0, j0, i1, j1, k) of a markups ROI: its corners in voxels, on the slice of its centre."""
+        """(i0, j0, i1, j1, k) of a markups ROI: its 8 corners (in its own orientation) in voxels, on the slice of its centre."""
         import itertools
 
         import numpy as np
 
         center, size = [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]
         roiNode.GetCenterWorld(center)
-        size = list(roiNode.GetSizeWorld()) if hasattr(roiNode, "GetSizeWorld") else list(roiNode.GetSize())
-        corners = [self._rasToIjk(volumeNode, [c + s * h / 2.0 for c, s, h in zip(center, signs, size)])
+        roiNode.GetSizeWorld(size)
+        axes = []
+        for getter in (roiNode.GetXAxisWorld, roiNode.GetYAxisWorld, roiNode.GetZAxisWorld):
+            axis = [0.0, 0.0, 0.0]
+            getter(axis)
+            axes.append(np.asarray(axis, dtype=float))
+        corners = [self._rasToIjk(volumeNode, np.asarray(center) + sum(sign * h / 2.0 * a
+                                                                    for sign, h, a in zip(signs, size, axes)))
                    for signs in itertools.product((-1.0, 1.0), repeat=3)]
         c = np.array(corners)
         k = int(round(float(self._rasToIjk(volumeNode, center)[2])))
@@ -396,19 +402,35 @@ class AutoContourLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
                 segmentId = segmentation.GetNthSegmentID(index)
                 existing.setdefault(segmentation.GetSegment(segmentId).GetName().lower(), segmentId)
             actions = merge_actions(existing, [s.name for s in structures], replaceExisting)
-            for structure in structures:
-                action = actions[structure.name]
-                {"add": added, "replace": replaced, "keep": kept}[action].append(structure.name)
-                if action == "keep":
-                    continue
-                segmentId = existing.get(structure.name.lower(), "")
-                if action == "replace":
-                    segmentation.RemoveSegment(segmentId)
-                newId = mrmlio.addStructureSegment(segmentationNode, inputVolume, structure, segmentId)
-                segment = segmentation.GetSegment(newId)
-                segment.SetTag(self.MODEL_ID_ATTRIBUTE, modelId)
-                segment.SetTag(self.WEIGHTS_SHA256_ATTRIBUTE, sha256)
-                segment.SetTag(self.METHOD_ATTRIBUTE, method)
+            # The scene transaction undoes new nodes, not changes to the user's segmentation: what
+            # this loop adds or replaces there is undone here if any segment fails.
+            backups, newIds = {}, []
+            try:
+                for structure in structures:
+                    action = actions[structure.name]
+                    {"add": added, "replace": replaced, "keep": kept}[action].append(structure.name)
+                    if action == "keep":
+                        continue
+                    segmentId = existing.get(structure.name.lower(), "")
+                    if action == "replace":
+                        backup = slicer.vtkSegment()
+                        backup.DeepCopy(segmentation.GetSegment(segmentId))
+                        backups[segmentId] = backup
+                        segmentation.RemoveSegment(segmentId)
+                    newId = mrmlio.addStructureSegment(segmentationNode, inputVolume, structure, segmentId)
+                    newIds.append(newId)
+                    segment = segmentation.GetSegment(newId)
+                    segment.SetTag(self.MODEL_ID_ATTRIBUTE, modelId)
+                    segment.SetTag(self.WEIGHTS_SHA256_ATTRIBUTE, sha256)
+                    segment.SetTag(self.METHOD_ATTRIBUTE, method)
+            except BaseException:
+                for newId in newIds:
+                    if segmentation.GetSegment(newId) is not None:
+                        segmentation.RemoveSegment(newId)
+                for segmentId, backup in backups.items():
+                    if segmentation.GetSegment(segmentId) is None:
+                        segmentation.AddSegment(backup, segmentId)
+                raise
             if added or replaced:
                 segmentationNode.SetAttribute(self.MODEL_ID_ATTRIBUTE, modelId)
                 segmentationNode.SetAttribute(self.WEIGHTS_SHA256_ATTRIBUTE, sha256)
@@ -494,6 +516,23 @@ class AutoContourTest(CaseModuleTestMixin, ScriptedLoadableModuleTest):
         for name, array in before.items():
             segmentId = userSegmentation.GetSegmentation().GetSegmentIdBySegmentName(name)
             self.assertTrue(np.array_equal(mrmlio.segmentMask(userSegmentation, segmentId, ct), array), name)
+
+        # A replacement that fails half-way gives the user's segment back (same ID, same voxels).
+        from twinrt.errors import StructureError
+
+        original = mrmlio.addStructureSegment
+
+        def failing(*args, **kwargs):
+            raise StructureError("Slicer refused structure 'External'", "External")
+
+        mrmlio.addStructureSegment = failing
+        try:
+            with self.assertRaises(StructureError):
+                logic.contourClassical(ct, userSegmentation, replaceExisting=True)
+        finally:
+            mrmlio.addStructureSegment = original
+        self.assertEqual(userSegmentation.GetSegmentation().GetSegmentIdBySegmentName("External"), userExternal)
+        self.assertTrue(np.array_equal(mrmlio.segmentMask(userSegmentation, userExternal, ct), mask))
         self.delayDisplay("Test passed")
 
     def test_ContourWithPrompts(self):
@@ -531,21 +570,22 @@ class AutoContourTest(CaseModuleTestMixin, ScriptedLoadableModuleTest):
         def disk(segmenter, sliceHu, points=None, labels=None, box=None):
             jj, ii = np.mgrid[:sliceHu.shape[0], :sliceHu.shape[1]]
             i, j = points[0]
-            return (ii - i) ** 2 + (jj - j) ** 2 <= 4.0, 0.9
+            return (ii - i) ** 2 + (jj - j) ** 2 <= 1.0, 0.9
 
         segment_anything.sam_model_registry["vit_b"] = lambda checkpoint=None: _tinySam()
         samlib.SliceSegmenter.segment = disk
         try:
             ijkToRas = vtk.vtkMatrix4x4()
             ct.GetIJKToRASMatrix(ijkToRas)
-            ras = ijkToRas.MultiplyPoint([8.0, 7.0, 5.0, 1.0])[:3]  # voxel (i, j, k) = (8, 7, 5)
+            ras = ijkToRas.MultiplyPoint([11.0, 5.0, 5.0, 1.0])[:3]  # voxel (i, j, k) = (11, 5, 5)
             points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Inside")
             points.AddControlPoint(vtk.vtkVector3d(*ras))
             result = logic.contourWithPrompts(ct, None, "tiny", points, segmentName="GTV", maxSlices=2, modelsDir=models)
             segmentation = result["segmentation"]
             segmentId = segmentation.GetSegmentation().GetSegmentIdBySegmentName("GTV")
             mask = mrmlio.segmentMask(segmentation, segmentId, ct)
-            self.assertTrue(mask[5, 7, 8])  # the prompt voxel, in (k, j, i)
+            self.assertTrue(mask[5, 5, 11])  # the prompt voxel, in (k, j, i)
+            self.assertFalse(mask[5, 11, 5])  # what an (i, j) swap would have marked
             self.assertEqual(np.nonzero(mask.any(axis=(1, 2)))[0].tolist(), [3, 4, 5, 6, 7])  # k = 5 ± 2
             self.assertEqual(result["report"]["prompt_slice"], 5)
             segment = segmentation.GetSegmentation().GetSegment(segmentId)
@@ -555,12 +595,33 @@ class AutoContourTest(CaseModuleTestMixin, ScriptedLoadableModuleTest):
                 self.assertEqual(str(value), expected)
             self.assertEqual(result["sha256"], entry["sha256"])
 
+            # A box prompt (markups ROI, rotated 90° about the slice normal): its voxel extent on slice 5.
+            roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "Box")
+            rotation = vtk.vtkMatrix4x4()  # ROI x -> RAS y, ROI y -> RAS -x
+            rotation.SetElement(0, 0, 0.0)
+            rotation.SetElement(0, 1, -1.0)
+            rotation.SetElement(1, 0, 1.0)
+            rotation.SetElement(1, 1, 0.0)
+            roi.SetAndObserveObjectToNodeMatrix(rotation)
+            roi.SetCenterWorld(ijkToRas.MultiplyPoint([11.0, 5.0, 5.0, 1.0])[:3])
+            spacing = ct.GetSpacing()  # (i, j, k) = (2.0, 2.5, 3.0) mm, identity LPS directions
+            # 10 mm along the ROI's x (RAS y: j, 4 voxels) and 12 mm along its y (RAS x: i, 6 voxels);
+            # unrotated it would be 5 voxels in i and 4.8 in j.
+            roi.SetSize(4.0 * spacing[1], 6.0 * spacing[0], 1.0)
+            box = logic._roiToIjkBox(ct, roi)
+            self.assertEqual(box[4], 5)
+            self.assertAlmostEqual(box[2] - box[0], 6.0, places=3)
+            self.assertAlmostEqual(box[3] - box[1], 4.0, places=3)
+            self.assertAlmostEqual((box[0] + box[2]) / 2.0, 11.0, places=3)
+            self.assertAlmostEqual((box[1] + box[3]) / 2.0, 5.0, places=3)
+            slicer.mrmlScene.RemoveNode(roi)
+
             # Bad prompts: nothing placed, points on two slices, a name already taken; scene unchanged.
             empty = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Empty")
             before = mrmlio.nodeIds(slicer.mrmlScene)
             with self.assertRaisesRegex(InvalidInputError, "at least one point"):
                 logic.contourWithPrompts(ct, segmentation, "tiny", empty, modelsDir=models)
-            other = ijkToRas.MultiplyPoint([8.0, 7.0, 7.0, 1.0])[:3]
+            other = ijkToRas.MultiplyPoint([11.0, 5.0, 7.0, 1.0])[:3]
             points.AddControlPoint(vtk.vtkVector3d(*other))
             with self.assertRaisesRegex(InvalidInputError, "slices 5, 7"):
                 logic.contourWithPrompts(ct, segmentation, "tiny", points, modelsDir=models)

@@ -172,3 +172,29 @@ def test_cli_contour_classical_writes_an_rtstruct(tmp_path):
     assert dice(back["Lung_L"].mask, truth["Lung_L"]) > 0.85
     assert main(["contour", "classical", str(src), "--out", str(tmp_path / "bad"), "--groups", "heart"]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_stomach_gas_is_not_a_lung_and_padding_is_air():
+    """Review findings: a 200+ cc gas pocket once became 'Lung_L'; -3024 HU padding was refused."""
+    ct, truth = thorax()
+    grid = ct.grid
+    k, j, i = np.meshgrid(*[np.arange(n) for n in grid.shape], indexing="ij")
+    p = grid.index_to_lps(np.stack([i, j, k], -1).astype(float))
+    # Below the lungs (which end at z = -70 mm), separate from them: its own air component.
+    stomach = ((p[..., 0] - 40.0) / 70.0) ** 2 + ((p[..., 1] + 30.0) / 50.0) ** 2 + ((p[..., 2] + 88.0) / 12.0) ** 2 <= 1
+    hu = np.asarray(ct.array).copy()
+    hu[stomach & truth["External"]] = -980
+    hu[:, :2, :] = -3024  # out-of-scan padding rows
+    gas_cc = float((stomach & truth["External"]).sum()) * grid.voxel_volume_cc
+    assert gas_cc > 150.0  # large enough to pass the lung volume threshold on its own
+    out = {s.name: s for s in classical_contours(Image(hu, grid))}
+    assert dice(out["Lung_L"].mask, truth["Lung_L"]) > 0.9 and dice(out["Lung_R"].mask, truth["Lung_R"]) > 0.9
+    assert not (out["Lung_L"].mask & stomach).any() and not (out["Lung_R"].mask & stomach).any()
+    assert (out["AirCavity"].mask & stomach).sum() > 0.8 * (stomach & truth["External"]).sum()
+
+
+def test_bones_reach_the_first_and_last_slices():
+    ct, truth = thorax()
+    bones = next(s for s in classical_contours(ct, groups=["bones"])).mask
+    for k in (0, ct.grid.shape[0] - 1):
+        assert bones[k].sum() == truth["Bones"][k].sum() > 0

@@ -77,7 +77,8 @@ def test_tiny_sam_full_path_from_checkpoint_to_mask(tiny_checkpoint):
     loaded = samlib.load_sam(tiny_checkpoint, "vit_b", builder=tiny_sam)
     assert loaded.sha256 == samlib.sha256_file(tiny_checkpoint) and not loaded.model.training
     seg = samlib.SliceSegmenter(loaded)
-    slice_hu = np.full((40, 56), -1000.0, np.float32)  # non-square: an (i, j) mix-up would fail
+    slice_hu = np.full((40, 56), -1000.0, np.float32)  # non-square (the prompts' (i, j) order is checked by the
+    # propagation, CLI and Logic tests, which know where the structure is; this random model cannot)
     slice_hu[10:30, 20:40] = 50.0
     mask, score = seg.segment(slice_hu, points=[(30.0, 20.0)], labels=[1], box=(18, 8, 42, 32))
     assert mask.shape == (40, 56) and mask.dtype == bool and np.isfinite(score)
@@ -89,6 +90,9 @@ def test_tiny_sam_full_path_from_checkpoint_to_mask(tiny_checkpoint):
         seg.segment(slice_hu)
     with pytest.raises(InvalidInputError, match="labels"):
         seg.segment(slice_hu, points=[(3.0, 3.0)], labels=[2])
+    for box in ((42, 8, 18, 32), (18, 8, 60, 32), (-1, 8, 42, 32)):  # reversed, past the edge, negative
+        with pytest.raises(InvalidInputError, match="box"):
+            seg.segment(slice_hu, box=box)
 
 
 def test_checkpoint_errors(tiny_checkpoint, tmp_path):
@@ -132,6 +136,9 @@ def test_register_and_load_by_id(tiny_checkpoint, tmp_path):
         samlib.load_registered("tiny-test", tmp_path, builder=tiny_sam)
     with pytest.raises(MissingInputError, match="register"):
         samlib.load_registered("absent", tmp_path)
+    (tmp_path / "sam" / "damaged.json").write_text("{not json")
+    with pytest.raises(InvalidInputError, match="damaged"):
+        samlib.load_registered("damaged", tmp_path)
     # A broken file is refused before anything is written.
     bad = tmp_path / "broken.pth"
     bad.write_bytes(b"\0" * 10)

@@ -265,6 +265,9 @@ def _cmd_contour_sam(args: argparse.Namespace) -> int:
     if not args.point and not args.box:
         raise InvalidInputError("Give at least one --point I J (or --negative I J) or a --box I0 J0 I1 J1")
     case = import_case(args.dicom_dir)
+    if not args.replace and any(s.name.lower() == args.name.lower() for s in case.structures):
+        raise InvalidInputError(f"The patient already has a structure '{args.name}'; choose another --name or "
+                                "pass --replace")
     path = Path(args.model)
     loaded = (samlib.load_sam(path, args.model_type) if path.suffix in (".pth", ".pt")
               else samlib.load_registered(args.model, args.models_dir))

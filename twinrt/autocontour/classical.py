@@ -11,15 +11,18 @@ mm, LPS patient axes: +x is the patient's left). The steps, with their module co
 * **Lungs** (``Lung_L``, ``Lung_R``) — air (below :data:`LUNG_THRESHOLD_HU`) inside the body in
   3D components of at least :data:`LUNG_MIN_CC`. Airway-sized pieces near the midline (per axial
   slice: area below :data:`AIRWAY_MAX_AREA_MM2` and centroid within :data:`AIRWAY_MIDLINE_MM` of
-  the body's midline) are trachea/main bronchi and left out. Two components are left and right by
-  their centroid's x; one component (lungs joined at the carina) is split at the body's midline.
+  the body's midline) are trachea/main bronchi and left out, and so are components smaller than
+  :data:`LUNG_MIN_FRACTION_OF_LARGEST` of the largest (stomach or bowel gas). Two components are
+  left and right by their centroid's LPS x; one component (lungs joined at the carina) is split
+  at the body's midline x (LPS, whichever way the image axes run).
 * **Bones** — voxels above :data:`BONE_THRESHOLD_HU` inside the body, closed by one voxel
   (trabecular gaps), components below :data:`BONE_MIN_CC` dropped (calcifications, contrast).
   Holes are *not* filled: the skull would swallow the brain.
 * **Air cavities** (``AirCavity``) — air inside the body that is not lung: sinuses, oral cavity,
   trachea, bowel gas; components below :data:`AIR_MIN_CC` dropped.
 
-Bad input: a CT whose values are not HU (no air near -1000 HU, or outside [-2000, 5000] HU),
+Values below :data:`AIR_FLOOR_HU` (out-of-scan padding such as -3024) count as air. Bad input: a
+CT whose values are not HU (no air near -1000 HU, or outside [-4000, 5000] HU),
 fewer than :data:`MIN_SLICES` slices or :data:`MIN_INPLANE` voxels in plane, or more than
 :data:`MAX_VOXELS` voxels, raises :class:`~twinrt.errors.InvalidInputError` saying what to do.
 """
@@ -56,7 +59,11 @@ AIR_MIN_CC = 0.3
 MIN_SLICES = 3
 MIN_INPLANE = 8
 MAX_VOXELS = 1024 * 1024 * 1200
-HU_RANGE = (-2000.0, 5000.0)
+HU_RANGE = (-4000.0, 5000.0)
+#: Values below this are air or out-of-scan padding (-2048, -3024 are common); treated as air.
+AIR_FLOOR_HU = -1024.0
+#: An air component this small next to the largest one is not a lung (stomach or bowel gas).
+LUNG_MIN_FRACTION_OF_LARGEST = 0.2
 
 #: Structure name → (colour RGB 0..255, type). Names follow AAPM TG-263.
 STRUCTURES = {
@@ -195,20 +202,36 @@ def lung_masks(ct_hu: np.ndarray, body: np.ndarray, grid: Grid,
                 lungs[k][piece] = False
     lungs = _drop_small(lungs, LUNG_MIN_CC / vox_cc)
     labels, n = ndimage.label(lungs)
-    # +x (patient left) along the i axis, or against it when the direction flips it.
-    i_to_left = float(np.asarray(grid.direction)[0, 0]) >= 0
-    if n >= 2:
-        sizes = np.bincount(labels.ravel())
-        sizes[0] = 0
-        a, b = (int(x) for x in np.argsort(sizes)[::-1][:2])
-        ca, cb = (float(np.nonzero(labels == c)[2].mean()) for c in (a, b))
-        hi_i, lo_i = (labels == a, labels == b) if ca > cb else (labels == b, labels == a)
-    elif n == 1:
-        ii = np.arange(lungs.shape[2])[None, None, :]
-        hi_i, lo_i = lungs & (ii > mid), lungs & (ii <= mid)
-    else:
+    if n == 0:
         return empty, empty.copy()
-    return (hi_i, lo_i) if i_to_left else (lo_i, hi_i)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    keep = sizes >= LUNG_MIN_FRACTION_OF_LARGEST * sizes.max()
+    keep[0] = False
+    order = [int(c) for c in np.argsort(sizes)[::-1] if keep[c]][:2]
+
+    def x_lps(mask: np.ndarray) -> np.ndarray:
+        kk, jj, ii = np.nonzero(mask)
+        return grid.index_to_lps(np.stack([ii, jj, kk], -1).astype(float))[:, 0]
+
+    if len(order) == 2:
+        a, b = (labels == c for c in order)
+        # +x in LPS is the patient's left.
+        return (a, b) if float(x_lps(a).mean()) > float(x_lps(b).mean()) else (b, a)
+    one = labels == order[0]
+    kk, jj, ii = np.nonzero(one)
+    x = grid.index_to_lps(np.stack([ii, jj, kk], -1).astype(float))[:, 0]
+    mid_x = _midline_x_mm(body, grid)
+    left = np.zeros_like(one)
+    left[kk[x > mid_x], jj[x > mid_x], ii[x > mid_x]] = True
+    return left, one & ~left
+
+
+def _midline_x_mm(body: np.ndarray, grid: Grid) -> float:
+    """The body's left-right centre: mean LPS x (mm) of its voxels (every 2nd voxel in plane)."""
+    kk, jj, ii = np.nonzero(body[:, ::2, ::2])
+    pts = np.stack([ii * 2, jj * 2, kk], -1).astype(float)
+    return float(grid.index_to_lps(pts)[:, 0].mean())
 
 
 def bone_mask(ct_hu: np.ndarray, body: np.ndarray, grid: Grid, threshold_hu: float = BONE_THRESHOLD_HU) -> np.ndarray:
@@ -218,8 +241,9 @@ def bone_mask(ct_hu: np.ndarray, body: np.ndarray, grid: Grid, threshold_hu: flo
     m = (np.asarray(ct_hu) > threshold_hu) & body
     if not m.any():
         return m
-    m = ndimage.binary_closing(m, structure=ndimage.generate_binary_structure(3, 1)) & body
-    return _drop_small(m, BONE_MIN_CC / grid.voxel_volume_cc)
+    # Padded, so that the closing's erosion keeps bone on the first and last slices and the edges.
+    closed = ndimage.binary_closing(np.pad(m, 1), structure=ndimage.generate_binary_structure(3, 1))[1:-1, 1:-1, 1:-1]
+    return _drop_small((closed | m) & body, BONE_MIN_CC / grid.voxel_volume_cc)
 
 
 def air_cavity_mask(ct_hu: np.ndarray, body: np.ndarray, lungs: np.ndarray, grid: Grid,
@@ -271,7 +295,7 @@ def classical_contours(ct: Image, groups: Optional[Iterable[str]] = None,
     if unknown:
         raise InvalidInputError(f"Unknown contour group(s) {', '.join(unknown)}; use {', '.join(GROUPS)}")
     check_ct(ct)
-    hu = np.asarray(ct.array, dtype=np.float32)
+    hu = np.maximum(np.asarray(ct.array, dtype=np.float32), AIR_FLOOR_HU)
     grid = ct.grid
     if body is None:
         body = body_mask(hu, grid.spacing_mm)

@@ -11,7 +11,9 @@ units on that slice, ``(i, j)`` = (column, row) = SAM's ``(x, y)``. The Slicer L
 markups (RAS, mm) to these indices.
 
 Checkpoints are files the user supplies (nothing is downloaded): SAM ``vit_b``/``vit_l``/``vit_h``
-or MedSAM (``vit_b``). :func:`register_checkpoint` copies one into the models folder with a
+or MedSAM (``vit_b``). Every checkpoint runs through ``segment_anything.SamPredictor`` (SAM's
+pixel normalisation, multimask output with the best-scored mask); MedSAM's own inference scales
+the image to [0, 1] and prompts with a box only, so MedSAM may do worse here than in its paper. :func:`register_checkpoint` copies one into the models folder with a
 manifest entry (id, model type, sha256); :func:`load_sam` checks the sha256 against it and that
 the file's weights fit the declared model type, and says plainly when they do not.
 
@@ -206,8 +208,13 @@ def load_registered(model_id: str, models_dir: str | Path | None = None,
         have = ", ".join(e["id"] for e in list_checkpoints(models_dir)) or "none"
         raise MissingInputError(f"No SAM checkpoint '{model_id}' is registered in {folder} (registered: {have}); "
                                 "register the .pth file first", entry_path)
-    entry = json.loads(entry_path.read_text(encoding="utf-8"))
-    return load_sam(folder / entry["file"], entry["model_type"], entry["sha256"], builder, model_id)
+    try:
+        entry = json.loads(entry_path.read_text(encoding="utf-8"))
+        weights, model_type, sha = folder / entry["file"], entry["model_type"], entry["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InvalidInputError(f"The manifest {entry_path} is damaged ({exc.__class__.__name__}: {exc}); register "
+                                "the checkpoint again") from exc
+    return load_sam(weights, model_type, sha, builder, model_id)
 
 
 # ------------------------------------------------------------------------------- prompting
@@ -250,7 +257,12 @@ class SliceSegmenter:
                 raise InvalidInputError("Point labels must be one 0 (outside) or 1 (inside) per point")
         else:
             lab = None
-        bx = None if box is None else np.asarray(box, dtype=np.float32).reshape(4)
+        bx = None
+        if box is not None:
+            bx = np.asarray(box, dtype=np.float32).reshape(4)
+            if not (0 <= bx[0] < bx[2] <= w - 1 + 1e-3 and 0 <= bx[1] < bx[3] <= h - 1 + 1e-3):
+                raise InvalidInputError(f"The box {bx.tolist()} (i0, j0, i1, j1) must lie inside the {w} x {h} slice "
+                                        "with i0 < i1 and j0 < j1")
         self.predictor.set_image(window_to_rgb(img, self.window_hu))
         with torch.no_grad():
             masks, scores, _ = self.predictor.predict(point_coords=pts, point_labels=lab, box=bx,
