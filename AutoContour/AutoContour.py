@@ -231,7 +231,8 @@ class AutoContourLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
 
     def contourWithPrompts(self, inputVolume, outputSegmentation, modelId: str, positivePoints, negativePoints=None,
                            boxRoi=None, segmentName: str = "SAM structure", propagate: bool = True,
-                           maxSlices=None, replaceExisting: bool = False, modelsDir=None) -> dict:
+                           maxSlices=None, replaceExisting: bool = False, modelsDir=None, progress=None,
+                           cancel=None) -> dict:
         """Segment Anything: prompts on one axial slice → a segment, propagated through the neighbouring slices.
 
         Runs in this process (a vit_b forward pass is seconds per slice on a CPU; the worker process
@@ -248,6 +249,9 @@ class AutoContourLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         :param propagate: carry the mask through the neighbouring slices; ``maxSlices`` each way at most.
         :param replaceExisting: replace a segment of the same name (else such a name is refused).
         :param modelsDir: models folder (default ``$TWINRT_MODELS_DIR`` or ``~/.twinrt/models``).
+        :param progress: ``progress(fraction, text)``, called once per slice.
+        :param cancel: a :class:`twinrt.progress.CancelToken`; cancelling stops at the next slice
+            (:class:`twinrt.progress.CancelledError`) with the scene unchanged.
         :return: ``segmentation``, ``added``, ``replaced``, ``kept``, ``report`` (prompt slice, score,
             slices propagated and why each direction stopped), ``modelId``, ``sha256``.
         :raises InvalidInputError: no prompt, points on several slices or outside the CT, a model that
@@ -290,7 +294,7 @@ class AutoContourLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
                   else samlib.load_registered(str(modelId), modelsDir))
         mask, report = samlib.segment_structure(ct, samlib.SliceSegmenter(loaded), k,
                                                 [(p[0], p[1]) for p in points] or None, labels or None,
-                                                box[:4] if box else None, propagate, maxSlices)
+                                                box[:4] if box else None, propagate, maxSlices, progress, cancel)
         if not mask.any():
             raise InvalidInputError("Segment Anything returned an empty mask for these prompts; move or add points")
         structure = Structure(segmentName, mask, self._grid(inputVolume), (230, 220, 70), StructureType.guess(segmentName))
@@ -594,6 +598,25 @@ class AutoContourTest(CaseModuleTestMixin, ScriptedLoadableModuleTest):
                 self.assertTrue(segment.GetTag(tag, value))
                 self.assertEqual(str(value), expected)
             self.assertEqual(result["sha256"], entry["sha256"])
+
+            # Progress once per slice; a cancel stops at the next slice and leaves the scene as it was.
+            from twinrt.progress import CancelledError, CancelToken
+
+            seen = []
+            token = CancelToken()
+
+            def progress(fraction, text):
+                seen.append(fraction)
+                if len(seen) == 3:
+                    token.cancel()
+
+            nodesBefore = mrmlio.nodeIds(slicer.mrmlScene)
+            with self.assertRaises(CancelledError):
+                logic.contourWithPrompts(ct, segmentation, "tiny", points, segmentName="Cancelled", modelsDir=models,
+                                         progress=progress, cancel=token)
+            self.assertEqual(mrmlio.nodeIds(slicer.mrmlScene), nodesBefore)
+            self.assertEqual(segmentation.GetSegmentation().GetNumberOfSegments(), 1)
+            self.assertTrue(all(0.0 <= f <= 1.0 for f in seen))
 
             # A box prompt (markups ROI, rotated 90° about the slice normal): its voxel extent on slice 5.
             roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "Box")
