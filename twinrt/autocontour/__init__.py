@@ -7,6 +7,8 @@
   segment-anything are imported only when used (:mod:`~twinrt.autocontour.tv_compat` stands in
   for torchvision where it cannot load).
 
+* :mod:`~twinrt.autocontour.metrics` — Dice and HD95 (mm), as MONAI defines them.
+
 The MONAI organ-at-risk network of issue 6 is not built yet.
 """
 
