@@ -262,6 +262,7 @@ class AutoContourLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         from twinrt.autocontour import merge_actions
         from twinrt.autocontour import sam as samlib
         from twinrt.errors import InvalidInputError
+        from twinrt.geometry import ras_to_lps
         from twinrt.model import Structure, StructureType
 
         ct = self._checkInputs(inputVolume, outputSegmentation)
@@ -269,19 +270,13 @@ class AutoContourLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
             raise InvalidInputError("Give the new segment a name")
         points, labels = [], []
         for node, label in ((positivePoints, 1), (negativePoints, 0)):
-            for ijk in self._markupsToIjk(inputVolume, node):
-                points.append(ijk)
+            for ras in self._markupsRas(node):
+                points.append(ras_to_lps(ras))
                 labels.append(label)
-        box = self._roiToIjkBox(inputVolume, boxRoi) if boxRoi is not None else None
-        if not points and box is None:
-            raise InvalidInputError("Place at least one point (or a box) on the structure to prompt Segment Anything")
-        slices = sorted({int(round(p[2])) for p in points} | ({box[4]} if box else set()))
-        if len(slices) > 1:
-            raise InvalidInputError(f"The prompts lie on slices {', '.join(map(str, slices))}; place them all on one "
-                                    "axial slice")
-        k = slices[0]
-        if not 0 <= k < ct.shape[0]:
-            raise InvalidInputError(f"The prompts lie outside the CT (slice {k} of {ct.shape[0]})")
+        corners, center = self._roiCornersRas(boxRoi) if boxRoi is not None else (None, None)
+        k, pointsIj, labels, box = samlib.prompts_on_slice(
+            self._grid(inputVolume), points, labels, None if corners is None else ras_to_lps(corners),
+            None if center is None else ras_to_lps(center))
         if outputSegmentation is not None:
             names = [outputSegmentation.GetSegmentation().GetNthSegment(i).GetName()
                      for i in range(outputSegmentation.GetSegmentation().GetNumberOfSegments())]
@@ -292,9 +287,8 @@ class AutoContourLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         path = Path(str(modelId))
         loaded = (samlib.load_sam(path, "vit_b") if path.suffix in (".pth", ".pt")
                   else samlib.load_registered(str(modelId), modelsDir))
-        mask, report = samlib.segment_structure(ct, samlib.SliceSegmenter(loaded), k,
-                                                [(p[0], p[1]) for p in points] or None, labels or None,
-                                                box[:4] if box else None, propagate, maxSlices, progress, cancel)
+        mask, report = samlib.segment_structure(ct, samlib.SliceSegmenter(loaded), k, pointsIj or None,
+                                                labels or None, box, propagate, maxSlices, progress, cancel)
         if not mask.any():
             raise InvalidInputError("Segment Anything returned an empty mask for these prompts; move or add points")
         structure = Structure(segmentName, mask, self._grid(inputVolume), (230, 220, 70), StructureType.guess(segmentName))
@@ -322,36 +316,26 @@ class AutoContourLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         checkCtVolume(inputVolume, _("planning CT"))
         mrmlio.checkNoTransform(inputVolume)
         if outputSegmentation is not None:
-            role = vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
-            reference = outputSegmentation.GetNodeReferenceID(role)
-            if reference and reference != inputVolume.GetID():
+            if mrmlio.referenceVolumeId(outputSegmentation) not in ("", inputVolume.GetID()):
                 raise InvalidInputError(f"Segmentation '{outputSegmentation.GetName()}' is drawn on another volume; "
                                         "choose a segmentation of this CT or let AutoContour create one")
         return np.array(slicer.util.arrayFromVolume(inputVolume))
 
     @staticmethod
-    def _rasToIjk(volumeNode, ras):
-        import numpy as np
-        import vtk
-
-        m = vtk.vtkMatrix4x4()
-        volumeNode.GetRASToIJKMatrix(m)
-        ijk = m.MultiplyPoint([float(ras[0]), float(ras[1]), float(ras[2]), 1.0])
-        return np.array(ijk[:3])
-
-    def _markupsToIjk(self, volumeNode, markupsNode):
-        """(i, j, k) voxel coordinates (floats) of a markups node's control points (world RAS)."""
+    def _markupsRas(markupsNode):
+        """The control points of a markups node (world RAS, mm); none for None."""
         if markupsNode is None:
             return []
         out = []
         for index in range(markupsNode.GetNumberOfControlPoints()):
             ras = [0.0, 0.0, 0.0]
             markupsNode.GetNthControlPointPositionWorld(index, ras)
-            out.append(tuple(float(v) for v in self._rasToIjk(volumeNode, ras)))
+            out.append(ras)
         return out
 
-    def _roiToIjkBox(self, volumeNode, roiNode):
-        """(i0, j0, i1, j1, k) of a markups ROI: its 8 corners (in its own orientation) in voxels, on the slice of its centre."""
+    @staticmethod
+    def _roiCornersRas(roiNode):
+        """(8 corners, centre) of a markups ROI in world RAS (mm), along the ROI's own axes."""
         import itertools
 
         import numpy as np
@@ -364,12 +348,18 @@ class AutoContourLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
             axis = [0.0, 0.0, 0.0]
             getter(axis)
             axes.append(np.asarray(axis, dtype=float))
-        corners = [self._rasToIjk(volumeNode, np.asarray(center) + sum(sign * h / 2.0 * a
-                                                                    for sign, h, a in zip(signs, size, axes)))
+        corners = [np.asarray(center) + sum(sign * h / 2.0 * a for sign, h, a in zip(signs, size, axes))
                    for signs in itertools.product((-1.0, 1.0), repeat=3)]
-        c = np.array(corners)
-        k = int(round(float(self._rasToIjk(volumeNode, center)[2])))
-        return (float(c[:, 0].min()), float(c[:, 1].min()), float(c[:, 0].max()), float(c[:, 1].max()), k)
+        return np.array(corners), np.asarray(center, dtype=float)
+
+    def _roiToIjkBox(self, volumeNode, roiNode):
+        """(i0, j0, i1, j1, k) of a markups ROI on the slice of its centre (:func:`twinrt.autocontour.sam.prompts_on_slice`)."""
+        from twinrt.autocontour.sam import prompts_on_slice
+        from twinrt.geometry import ras_to_lps
+
+        corners, center = self._roiCornersRas(roiNode)
+        k, _, _, box = prompts_on_slice(self._grid(volumeNode), (), (), ras_to_lps(corners), ras_to_lps(center))
+        return (*box, k)
 
     def _writeStructures(self, inputVolume, outputSegmentation, structures, replaceExisting, modelId, sha256, method):
         """Add ``structures`` to the segmentation (a new one on the CT when None) in one transaction.
@@ -387,18 +377,9 @@ class AutoContourLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         with mrmlio.sceneTransaction(scene):
             segmentationNode = outputSegmentation
             if segmentationNode is None:
-                segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
-                                                           f"{inputVolume.GetName()} contours")
-                segmentationNode.CreateDefaultDisplayNodes()
-                mrmlio.tagNode(segmentationNode, mrmlio.ROLE_STRUCTURES, createdBy="AutoContour")
-                sh = scene.GetSubjectHierarchyNode()
-                study = mrmlio.studyItemOf(inputVolume)
-                item = sh.GetItemByDataNode(segmentationNode)
-                if study and item:
-                    sh.SetItemParent(item, study)
-                elif study:
-                    sh.CreateItem(study, segmentationNode)
-            if not segmentationNode.GetNodeReferenceID(vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()):
+                segmentationNode = mrmlio.addSegmentationNode(scene, inputVolume, f"{inputVolume.GetName()} contours",
+                                                              createdBy="AutoContour")
+            elif not mrmlio.referenceVolumeId(segmentationNode):
                 segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(inputVolume)
             segmentation = segmentationNode.GetSegmentation()
             existing = {}
@@ -692,26 +673,12 @@ class AutoContourTest(CaseModuleTestMixin, ScriptedLoadableModuleTest):
 
 
 def _tinySam():
-    """A tiny, randomly initialised SAM built from segment-anything's own classes (64-pixel images).
+    """A tiny, randomly initialised SAM (:func:`twinrt.autocontour.sam.build_tiny_sam`): no SAM/MedSAM
+    checkpoint can be downloaded for tests; it exercises the checkpoint, registry and prompt
+    plumbing, and its masks are meaningless."""
+    from twinrt.autocontour.sam import build_tiny_sam
 
-    No SAM/MedSAM checkpoint can be downloaded for tests: this one exercises the checkpoint,
-    registry and prompt plumbing; its masks are meaningless.
-    """
-    import torch
-
-    from twinrt.autocontour.tv_compat import ensure_torchvision
-
-    ensure_torchvision()
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-
-    torch.manual_seed(0)
-    return Sam(image_encoder=ImageEncoderViT(img_size=64, patch_size=16, embed_dim=32, depth=1, num_heads=2,
-                                             out_chans=32),
-               prompt_encoder=PromptEncoder(embed_dim=32, image_embedding_size=(4, 4), input_image_size=(64, 64),
-                                            mask_in_chans=4),
-               mask_decoder=MaskDecoder(transformer_dim=32, num_multimask_outputs=3, iou_head_depth=1,
-                                        iou_head_hidden_dim=16,
-                                        transformer=TwoWayTransformer(depth=1, embedding_dim=32, mlp_dim=64, num_heads=2)))
+    return build_tiny_sam()
 
 
 def _syntheticCase():

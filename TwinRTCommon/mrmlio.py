@@ -399,7 +399,6 @@ def _caseToScene(case: Case, scene, doseName, computeDvh, progress) -> dict[str,
     if case.structures:
         report(progress, 0.25, "Creating segmentation")
         segmentation, segmentIds = _addSegmentation(scene, case, ct, source)
-        sh.CreateItem(studyItem, segmentation)
         result.update(segmentation=segmentation, segmentIds=segmentIds)
 
     for index, (name, dose) in enumerate(case.doses.items()):
@@ -419,11 +418,7 @@ def _caseToScene(case: Case, scene, doseName, computeDvh, progress) -> dict[str,
 def _addSegmentation(scene, case: Case, ct, source: str):
     """One segmentation node on the CT's geometry, one segment per structure."""
     ctGrid = case.ct.grid
-    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{case.patient_id} Structures")
-    segmentation.CreateDefaultDisplayNodes()
-    # Sets both the reference geometry string and the node reference to the CT (the contract).
-    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(ct)
-    tagNode(segmentation, ROLE_STRUCTURES, source)
+    segmentation = addSegmentationNode(scene, ct, f"{case.patient_id} Structures", source)
     segmentIds = {}
     for structure in case.structures:
         if not structure.grid.is_same(ctGrid):
@@ -431,6 +426,36 @@ def _addSegmentation(scene, case: Case, ct, source: str):
                                 "resample it to the CT grid (Structure.on_grid) before adding it")
         segmentIds[structure.name] = addStructureSegment(segmentation, ct, structure)
     return segmentation, segmentIds
+
+
+def addSegmentationNode(scene, ct, name: str, source: str = "", createdBy: str = _CREATED_BY):
+    """A new, empty segmentation on the CT's geometry, tagged as structures, in the CT's study.
+
+    :param scene: the scene; ``ct`` the CT volume node (its study item, when it has one, becomes
+        the segmentation's parent in the subject hierarchy).
+    :param name: node name; ``source``/``createdBy``: provenance attributes (:func:`tagNode`).
+    """
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    segmentation.CreateDefaultDisplayNodes()
+    # Sets both the reference geometry string and the node reference to the CT (the contract).
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(ct)
+    tagNode(segmentation, ROLE_STRUCTURES, source, createdBy)
+    sh = scene.GetSubjectHierarchyNode()
+    study = studyItemOf(ct)
+    if study:
+        # Subject-hierarchy items are created by Qt plugins in Slicer, not headless: handle both.
+        item = sh.GetItemByDataNode(segmentation)
+        if item:
+            sh.SetItemParent(item, study)
+        else:
+            sh.CreateItem(study, segmentation)
+    return segmentation
+
+
+def referenceVolumeId(segmentation) -> str:
+    """ID of the volume whose geometry a segmentation references ("" when none)."""
+    role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
+    return segmentation.GetNodeReferenceID(role) or ""
 
 
 def addStructureSegment(segmentation, ct, structure: Structure, segmentId: str = "") -> str:
@@ -693,8 +718,7 @@ def checkNoTransform(node) -> None:
 
 
 def _segmentationReferencesVolume(segmentation, volume) -> bool:
-    role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
-    return segmentation.GetNodeReferenceID(role) == volume.GetID()
+    return referenceVolumeId(segmentation) == volume.GetID()
 
 
 def findSegmentation(scene, ctVolumeNode):

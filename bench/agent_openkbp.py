@@ -35,7 +35,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from openkbp_common import add_patient_arguments, dose_grid_mm, openkbp_goal_set, selected_patients
+from openkbp_common import add_patient_arguments, dose_grid_mm, openkbp_goal_set, selected_patients, write_result
 from twinrt.data import load_openkbp
 from twinrt.planning.agent import virtual_planner
 from twinrt.planning.evaluation import evaluate_plan
@@ -129,11 +129,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"\nTotals over {len(results)} patient(s): must-goals kept on {summary['share_patients_must_goals_kept']:.0%}, "
           f"goals met auto {summary['goals_met_auto']:.1%} vs reference {summary['goals_met_reference']:.1%}, "
           f"{summary['seconds_per_plan']:.1f} s per plan")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({**summary, "per_patient": results}, fh, indent=1, default=str)
-    print("RESULT " + json.dumps(summary))
-    return 0
+    return write_result(summary, results, args.json)
 
 
 if __name__ == "__main__":

@@ -24,20 +24,16 @@ from typing import Optional
 import numpy as np
 
 from twinrt.data import openkbp_patients, shared_data_dir
-from twinrt.dosepredict.inputs import downsample, load_openkbp_arrays
+from twinrt.dosepredict.inputs import downsample, load_openkbp_arrays, upsample
 from twinrt.dosepredict.metrics import openkbp_scores, score_patient
 
 
 def pooled_and_upsampled(dose_gy: np.ndarray, factor: int) -> np.ndarray:
     """``dose_gy`` average-pooled by ``factor`` and upsampled back as the predictor does (Gy)."""
     import torch
-    import torch.nn.functional as F
 
-    if factor == 1:
-        return np.asarray(dose_gy, dtype=np.float32)
     low = torch.from_numpy(downsample(dose_gy, factor))[None, None]
-    full = F.interpolate(low, scale_factor=factor, mode="trilinear", align_corners=False)
-    return np.clip(full[0, 0].numpy(), 0.0, None)
+    return np.clip(upsample(low, factor)[0, 0].numpy(), 0.0, None)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

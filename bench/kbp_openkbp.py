@@ -21,14 +21,13 @@ difference of every DVH metric, Gy), ``dvh_error_prediction_vs_reference_gy``,
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from typing import Any, Optional
 
 import numpy as np
 
-from openkbp_common import add_patient_arguments, dose_grid_mm, openkbp_goal_set, selected_patients
+from openkbp_common import add_patient_arguments, dose_grid_mm, openkbp_goal_set, selected_patients, write_result
 from twinrt.data import load_openkbp
 from twinrt.dosepredict.metrics import dvh_metrics
 from twinrt.dosepredict.predict import DosePredictor
@@ -121,11 +120,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "seconds_per_plan": float(np.mean([r["seconds_plan"] for r in results])),
         "dose_grid_mm": grid_mm or "ct",
     }
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({**summary, "per_patient": results}, fh, indent=1, default=str)
-    print("RESULT " + json.dumps(summary))
-    return 0
+    return write_result(summary, results, args.json)
 
 
 if __name__ == "__main__":

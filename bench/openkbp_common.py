@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -45,3 +46,13 @@ def openkbp_goal_set() -> Any:
     strict = load_goal_set("head_and_neck_openkbp")
     names = list(dict.fromkeys(g.structure for g in strict.goals))
     return replace(strict, optional_structures=[n for n in names if n != "PTV70"])
+
+
+def write_result(summary: dict[str, Any], per_patient: list[dict[str, Any]], json_path: Optional[str]) -> int:
+    """Write the full result (summary and per-patient details) to ``json_path`` when given, then print
+    the benchmark's last line ``RESULT {summary}``; returns the exit status 0."""
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump({**summary, "per_patient": per_patient}, fh, indent=1, default=str)
+    print("RESULT " + json.dumps(summary))
+    return 0

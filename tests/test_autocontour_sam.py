@@ -23,19 +23,8 @@ from twinrt.errors import InvalidInputError, MissingInputError  # noqa: E402
 
 
 def tiny_sam(embed_dim=32):
-    """A SAM with a 64-pixel, one-block ViT and a one-layer decoder: randomly initialised, seconds to run."""
-    tv_compat.ensure_torchvision()
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-
-    torch.manual_seed(0)
-    return Sam(image_encoder=ImageEncoderViT(img_size=64, patch_size=16, embed_dim=embed_dim, depth=1, num_heads=2,
-                                             out_chans=32),
-               prompt_encoder=PromptEncoder(embed_dim=32, image_embedding_size=(4, 4), input_image_size=(64, 64),
-                                            mask_in_chans=4),
-               mask_decoder=MaskDecoder(transformer_dim=32, num_multimask_outputs=3, iou_head_depth=1,
-                                        iou_head_hidden_dim=16,
-                                        transformer=TwoWayTransformer(depth=1, embedding_dim=32, mlp_dim=64,
-                                                                      num_heads=2)))
+    """A tiny, randomly initialised SAM from segment-anything's classes (twinrt's test builder)."""
+    return samlib.build_tiny_sam(embed_dim)
 
 
 @pytest.fixture(scope="module")
@@ -244,3 +233,21 @@ def test_cli_registers_a_checkpoint_and_contours_from_a_prompt(tiny_checkpoint, 
     assert main(["contour", "sam", str(src2), "--out", str(tmp_path / "x")] + args[5:]) == 2
     assert not (tmp_path / "x").exists()
     assert main(["contour", "sam", str(src2), "--out", str(tmp_path / "y")] + args[5:] + ["--replace"]) == 0
+
+
+def test_prompts_on_slice_converts_patient_points_to_voxels():
+    from twinrt.geometry import Grid
+
+    grid = Grid((10, 20, 30), (2.0, 2.5, 3.0), (-10.0, -20.0, -5.0))  # (i, j, k) spacing, LPS origin
+    lps = grid.index_to_lps(np.array([[12.0, 4.0, 6.0], [3.0, 15.0, 6.0]]))
+    k, pts, labels, box = samlib.prompts_on_slice(grid, lps, [1, 0])
+    assert k == 6 and pts == [pytest.approx((12.0, 4.0)), pytest.approx((3.0, 15.0))] and labels == [1, 0]
+    corners = grid.index_to_lps(np.array([[2.0, 3.0, 5.6], [9.0, 8.0, 6.4]]))
+    k, pts, _, box = samlib.prompts_on_slice(grid, box_corners_lps=corners, box_center_lps=corners.mean(axis=0))
+    assert k == 6 and pts == [] and box == pytest.approx((2.0, 3.0, 9.0, 8.0))
+    with pytest.raises(InvalidInputError, match="at least one point"):
+        samlib.prompts_on_slice(grid)
+    with pytest.raises(InvalidInputError, match="slices 2, 6"):
+        samlib.prompts_on_slice(grid, grid.index_to_lps(np.array([[1.0, 1.0, 6.0], [1.0, 1.0, 2.0]])), [1, 1])
+    with pytest.raises(InvalidInputError, match="outside the CT"):
+        samlib.prompts_on_slice(grid, grid.index_to_lps(np.array([[1.0, 1.0, 12.0]])), [1])

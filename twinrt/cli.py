@@ -257,7 +257,7 @@ def _cmd_contour_sam(args: argparse.Namespace) -> int:
         if not entries:
             print(f"no SAM checkpoint registered in {samlib.sam_models_dir(args.models_dir)}")
         return 0
-    from twinrt.autocontour import merge_structures
+    from twinrt.autocontour import merge_actions, merge_structures
     from twinrt.dicom.folder import export_case, import_case
     from twinrt.errors import InvalidInputError
     from twinrt.model import Case, Structure, StructureType
@@ -265,7 +265,8 @@ def _cmd_contour_sam(args: argparse.Namespace) -> int:
     if not args.point and not args.box:
         raise InvalidInputError("Give at least one --point I J (or --negative I J) or a --box I0 J0 I1 J1")
     case = import_case(args.dicom_dir)
-    if not args.replace and any(s.name.lower() == args.name.lower() for s in case.structures):
+    # Refused before the model runs: merging would keep the patient's structure of that name.
+    if merge_actions([s.name for s in case.structures], [args.name], args.replace)[args.name] == "keep":
         raise InvalidInputError(f"The patient already has a structure '{args.name}'; choose another --name or "
                                 "pass --replace")
     path = Path(args.model)
@@ -277,10 +278,7 @@ def _cmd_contour_sam(args: argparse.Namespace) -> int:
                                          points or None, labels or None, args.box, not args.no_propagate,
                                          args.max_slices, progress=_print_progress)
     new = Structure(args.name, mask, case.ct.grid, (255, 255, 0), StructureType.guess(args.name))
-    structures, actions = merge_structures(case.structures, [new], args.replace)
-    if actions[args.name] == "keep":
-        raise InvalidInputError(f"The patient already has a structure '{args.name}'; choose another --name or "
-                                "pass --replace")
+    structures, _ = merge_structures(case.structures, [new], args.replace)
     out_case = Case(case.patient_id, case.ct, structures, case.doses, case.plans, dict(case.metadata))
     from twinrt.audit import AuditLog
 

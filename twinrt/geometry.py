@@ -28,6 +28,11 @@ from twinrt.errors import GeometryError, InvalidInputError
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
+def ras_to_lps(points: Sequence[float] | np.ndarray) -> np.ndarray:
+    """RAS points (..., 3) in mm as LPS (x and y change sign; the conversion is its own inverse)."""
+    return np.asarray(points, dtype=float) * np.array([-1.0, -1.0, 1.0])
+
+
 def _as_vec3(values: Sequence[float], name: str) -> tuple[float, float, float]:
     arr = np.asarray(values, dtype=float).reshape(-1)
     if arr.shape != (3,) or not np.all(np.isfinite(arr)):

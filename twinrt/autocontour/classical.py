@@ -168,16 +168,22 @@ def body_mask(ct_hu: np.ndarray, spacing_mm: Sequence[float] = (1.0, 1.0, 1.0),
     return ndimage.binary_fill_holes(_fill_slices(m))
 
 
-def _midline_x_index(body: np.ndarray) -> float:
-    """The body's left-right centre as an (fractional) i index."""
-    return float(np.nonzero(body)[2].mean())
+def _x_mm(grid: Grid, kk: np.ndarray, jj: np.ndarray, ii: np.ndarray) -> np.ndarray:
+    """LPS x (mm; + is the patient's left) of voxel indices."""
+    return grid.index_to_lps(np.stack([ii, jj, kk], -1).astype(float))[..., 0]
+
+
+def _midline_x_mm(body: np.ndarray, grid: Grid) -> float:
+    """The body's left-right centre: mean LPS x (mm) of its voxels (every 2nd voxel in plane)."""
+    kk, jj, ii = np.nonzero(body[:, ::2, ::2])
+    return float(_x_mm(grid, kk, jj * 2, ii * 2).mean())
 
 
 def lung_masks(ct_hu: np.ndarray, body: np.ndarray, grid: Grid,
                threshold_hu: float = LUNG_THRESHOLD_HU) -> tuple[np.ndarray, np.ndarray]:
     """(left, right) lung masks (bool, (k, j, i)); empty when the CT holds no lungs (e.g. head and neck).
 
-    Left is the patient's left (+x in LPS): the grid's direction decides which way the i axis runs.
+    Left is the patient's left (+x in LPS), whichever way the image axes run.
     """
     from scipy import ndimage
 
@@ -187,8 +193,8 @@ def lung_masks(ct_hu: np.ndarray, body: np.ndarray, grid: Grid,
     empty = np.zeros_like(lungs)
     if not lungs.any():
         return empty, empty.copy()
-    # Airway: small midline pieces on each axial slice.
-    mid = _midline_x_index(body)
+    mid_x = _midline_x_mm(body, grid)
+    # Airway: small pieces near the midline on each axial slice.
     si, sj = float(grid.spacing_mm[0]), float(grid.spacing_mm[1])
     for k in range(lungs.shape[0]):
         if not lungs[k].any():
@@ -196,9 +202,10 @@ def lung_masks(ct_hu: np.ndarray, body: np.ndarray, grid: Grid,
         lab, n = ndimage.label(lungs[k])
         for c in range(1, n + 1):
             piece = lab == c
-            area = float(piece.sum()) * si * sj
-            ci = float(np.nonzero(piece)[1].mean())
-            if area < AIRWAY_MAX_AREA_MM2 and abs(ci - mid) * si < AIRWAY_MIDLINE_MM:
+            jj, ii = np.nonzero(piece)
+            area = float(len(ii)) * si * sj
+            x = float(_x_mm(grid, np.array([k]), np.array([jj.mean()]), np.array([ii.mean()]))[0])
+            if area < AIRWAY_MAX_AREA_MM2 and abs(x - mid_x) < AIRWAY_MIDLINE_MM:
                 lungs[k][piece] = False
     lungs = _drop_small(lungs, LUNG_MIN_CC / vox_cc)
     labels, n = ndimage.label(lungs)
@@ -209,29 +216,16 @@ def lung_masks(ct_hu: np.ndarray, body: np.ndarray, grid: Grid,
     keep = sizes >= LUNG_MIN_FRACTION_OF_LARGEST * sizes.max()
     keep[0] = False
     order = [int(c) for c in np.argsort(sizes)[::-1] if keep[c]][:2]
-
-    def x_lps(mask: np.ndarray) -> np.ndarray:
-        kk, jj, ii = np.nonzero(mask)
-        return grid.index_to_lps(np.stack([ii, jj, kk], -1).astype(float))[:, 0]
-
     if len(order) == 2:
         a, b = (labels == c for c in order)
-        # +x in LPS is the patient's left.
-        return (a, b) if float(x_lps(a).mean()) > float(x_lps(b).mean()) else (b, a)
+        return (a, b) if _x_mm(grid, *np.nonzero(a)).mean() > _x_mm(grid, *np.nonzero(b)).mean() else (b, a)
+    # One component (lungs joined at the carina): split at the body's midline.
     one = labels == order[0]
     kk, jj, ii = np.nonzero(one)
-    x = grid.index_to_lps(np.stack([ii, jj, kk], -1).astype(float))[:, 0]
-    mid_x = _midline_x_mm(body, grid)
+    on_left = _x_mm(grid, kk, jj, ii) > mid_x
     left = np.zeros_like(one)
-    left[kk[x > mid_x], jj[x > mid_x], ii[x > mid_x]] = True
+    left[kk[on_left], jj[on_left], ii[on_left]] = True
     return left, one & ~left
-
-
-def _midline_x_mm(body: np.ndarray, grid: Grid) -> float:
-    """The body's left-right centre: mean LPS x (mm) of its voxels (every 2nd voxel in plane)."""
-    kk, jj, ii = np.nonzero(body[:, ::2, ::2])
-    pts = np.stack([ii * 2, jj * 2, kk], -1).astype(float)
-    return float(grid.index_to_lps(pts)[:, 0].mean())
 
 
 def bone_mask(ct_hu: np.ndarray, body: np.ndarray, grid: Grid, threshold_hu: float = BONE_THRESHOLD_HU) -> np.ndarray:

@@ -150,6 +150,32 @@ def load_sam(checkpoint: str | Path, model_type: str, expected_sha256: Optional[
     return LoadedSam(sam, model_type, sha, path, model_id)
 
 
+def build_tiny_sam(embed_dim: int = 32) -> Any:
+    """A SAM with a 64-pixel, one-block ViT and a one-layer decoder, randomly initialised (seed 0).
+
+    Built from segment-anything's own classes, so it exercises the real checkpoint, registry and
+    prompt code paths in seconds; its masks are meaningless. For tests and smoke runs only.
+
+    :param embed_dim: image-encoder width (another width gives a checkpoint that does not fit).
+    """
+    import torch
+
+    from twinrt.autocontour.tv_compat import ensure_torchvision
+
+    ensure_torchvision()
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    torch.manual_seed(0)
+    return Sam(image_encoder=ImageEncoderViT(img_size=64, patch_size=16, embed_dim=embed_dim, depth=1, num_heads=2,
+                                             out_chans=32),
+               prompt_encoder=PromptEncoder(embed_dim=32, image_embedding_size=(4, 4), input_image_size=(64, 64),
+                                            mask_in_chans=4),
+               mask_decoder=MaskDecoder(transformer_dim=32, num_multimask_outputs=3, iou_head_depth=1,
+                                        iou_head_hidden_dim=16,
+                                        transformer=TwoWayTransformer(depth=1, embedding_dim=32, mlp_dim=64,
+                                                                      num_heads=2)))
+
+
 # ------------------------------------------------------------------------------- registry
 def sam_models_dir(models_dir: str | Path | None = None) -> Path:
     """Where registered SAM checkpoints live: ``<models folder>/sam`` (models folder as dose prediction's)."""
@@ -269,6 +295,37 @@ class SliceSegmenter:
                                                       multimask_output=True)
         best = int(np.argmax(scores))
         return np.asarray(masks[best], dtype=bool), float(scores[best])
+
+
+def prompts_on_slice(grid: Any, points_lps: Sequence[Sequence[float]] = (), labels: Sequence[int] = (),
+                     box_corners_lps: Optional[Sequence[Sequence[float]]] = None,
+                     box_center_lps: Optional[Sequence[float]] = None
+                     ) -> tuple[int, list[tuple[float, float]], list[int], Optional[tuple[float, float, float, float]]]:
+    """Patient-space prompts (LPS, mm) → voxel prompts on one axial slice of ``grid``.
+
+    :param grid: the CT's :class:`~twinrt.geometry.Grid`.
+    :param points_lps: prompt points; ``labels`` one 1 (inside) or 0 (outside) each.
+    :param box_corners_lps: the box's corners (e.g. the 8 of a rotated ROI); its voxel extent
+        (min/max i and j over the corners) is the box prompt, on the slice of ``box_center_lps``.
+    :return: ``(k, points (i, j), labels, box (i0, j0, i1, j1) or None)``.
+    :raises InvalidInputError: no prompt, prompts on several slices, or a slice outside the CT.
+    """
+    ijk = grid.lps_to_index(np.asarray(points_lps, dtype=float).reshape(-1, 3))
+    box = None
+    slices = {int(round(float(p[2]))) for p in ijk}
+    if box_corners_lps is not None:
+        c = grid.lps_to_index(np.asarray(box_corners_lps, dtype=float).reshape(-1, 3))
+        box = (float(c[:, 0].min()), float(c[:, 1].min()), float(c[:, 0].max()), float(c[:, 1].max()))
+        slices.add(int(round(float(grid.lps_to_index(np.asarray(box_center_lps, dtype=float))[2]))))
+    if not len(ijk) and box is None:
+        raise InvalidInputError("Place at least one point (or a box) on the structure to prompt Segment Anything")
+    if len(slices) > 1:
+        raise InvalidInputError(f"The prompts lie on slices {', '.join(map(str, sorted(slices)))}; place them all on "
+                                "one axial slice")
+    k = slices.pop()
+    if not 0 <= k < grid.shape[0]:
+        raise InvalidInputError(f"The prompts lie outside the CT (slice {k} of {grid.shape[0]})")
+    return k, [(float(p[0]), float(p[1])) for p in ijk], [int(v) for v in labels], box
 
 
 def _inner_point(mask: np.ndarray) -> tuple[float, float]:

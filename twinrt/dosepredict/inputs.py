@@ -209,6 +209,16 @@ def downsample(array: np.ndarray, factor: int) -> np.ndarray:
     return r.mean(axis=(-5, -3, -1), dtype=np.float32)
 
 
+def upsample(tensor, factor: int):
+    """The inverse of :func:`downsample` for predictions: an (N, C, k, j, i) torch tensor enlarged by
+    ``factor`` along its last three axes, trilinear with ``align_corners=False``."""
+    if factor == 1:
+        return tensor
+    import torch.nn.functional as F
+
+    return F.interpolate(tensor, scale_factor=factor, mode="trilinear", align_corners=False)
+
+
 def lr_flip(x: np.ndarray, channels: Sequence[str] | None = None) -> np.ndarray:
     """Mirror left-right (the i axis, the last one) and swap the RightParotid/LeftParotid channels.
 
@@ -498,5 +508,5 @@ def load_openkbp_arrays(path: str | Path) -> OpenKBPArrays:
 
 
 __all__ = ["MODEL_SPACING_MM", "KNOWN_CHANNELS", "match_rois", "ct_channel", "ptv_channel", "build_input",
-           "downsample", "lr_flip", "crop_window", "PreparedInput", "prepare_case", "body_mask", "is_model_grid",
+           "downsample", "upsample", "lr_flip", "crop_window", "PreparedInput", "prepare_case", "body_mask", "is_model_grid",
            "model_grid_around", "OpenKBPArrays", "openkbp_arrays", "load_openkbp_arrays"]

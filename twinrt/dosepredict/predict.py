@@ -22,7 +22,7 @@ import numpy as np
 import twinrt
 from twinrt.dosepredict.config import DosePredictConfig
 from twinrt.dosepredict.inputs import (OpenKBPArrays, body_mask, build_input, crop_window, downsample,
-                                      prepare_case)
+                                      prepare_case, upsample)
 from twinrt.errors import InvalidInputError
 from twinrt.geometry import resample_array
 from twinrt.model import Case, Dose
@@ -137,7 +137,6 @@ class DosePredictor:
         :param seed: seed of the MC-dropout passes (same seed, same std).
         """
         import torch
-        import torch.nn.functional as F
 
         from twinrt.dosepredict.model import enable_mc_dropout
 
@@ -182,8 +181,7 @@ class DosePredictor:
                 continue
             full = torch.zeros((1, 1) + tuple(cfg.eval_shape), dtype=torch.float32, device=device)
             full[(0, 0) + window] = arr
-            if cfg.downsample > 1:
-                full = F.interpolate(full, scale_factor=cfg.downsample, mode="trilinear", align_corners=False)
+            full = upsample(full, cfg.downsample)
             res = full[0, 0].cpu().numpy() * np.float32(cfg.dose_scale_gy)
             np.clip(res, 0.0, None, out=res)
             res[~pdm] = 0.0

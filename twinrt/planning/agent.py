@@ -603,8 +603,11 @@ def _resequence_finer(case: Case, goal_set: Any, problem: PlanningProblem, opt: 
     from twinrt.planning.workflow import sequence_result
 
     must_ok = all(r.passed is not False for r in results if r.goal.priority == "must")
-    lost = [r.goal.describe() for r, o in zip(results, optimized)
-            if r.goal.priority == "must" and r.passed is False and o.passed]
+    def lost_in_sequencing(now: Sequence[GoalResult]) -> list[str]:
+        return [r.goal.describe() for r, o in zip(now, optimized) if r.goal.priority == "must" and r.passed is False
+                and o.passed]
+
+    lost = lost_in_sequencing(results)
     base = int(problem.setup.levels)
     seq_s = float(planning.timings_s.get("sequencing_s", 0.0))
     tried: set[int] = {base}
@@ -639,8 +642,7 @@ def _resequence_finer(case: Case, goal_set: Any, problem: PlanningProblem, opt: 
         seq_s = float(cand.timings_s.get("sequencing_s", seq_s))
         if accepted:
             planning, results, score, must_ok, current = cand, new, new_score, new_ok, levels
-            lost = [r.goal.describe() for r, o in zip(results, optimized)
-                    if r.goal.priority == "must" and r.passed is False and o.passed]
+            lost = lost_in_sequencing(results)
     return planning, results, score, must_ok
 
 
