@@ -348,7 +348,7 @@ class DosePredictLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
     Loading a case (``importCase``, ``loadSampleCase``, ``caseToScene``, ``sceneToCase``) comes from
     :class:`TwinRTCommon.logic.CaseLogicMixin`, so every module shares the one MRML contract. The
     prediction itself runs in a worker process (``DosePredictLib/worker.py``, started by
-    :mod:`DosePredictLib.process`); this class exports the case to it and writes its result back,
+    :mod:`TwinRTCommon.process`); this class exports the case to it and writes its result back,
     all or nothing.
     Uses ScriptedLoadableModuleLogic base class, available at:
     https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
@@ -360,6 +360,8 @@ class DosePredictLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
 
     #: ``TwinRT.CreatedBy`` of every node this Logic writes.
     createdBy = "DosePredict"
+    #: What the worker computes, in its messages ("Dose prediction cancelled by the user").
+    WORKER_LABEL = "dose prediction"
     #: Attributes of the predicted dose and of its uncertainty volume (STYLE.md section 7).
     MODEL_ID_ATTRIBUTE = "DosePredict.ModelId"
     MODEL_VERSION_ATTRIBUTE = "DosePredict.ModelVersion"
@@ -557,7 +559,8 @@ class DosePredictLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         from twinrt.model import Dose, StructureType
         from twinrt.progress import report
 
-        from DosePredictLib import process, worker
+        from DosePredictLib import worker
+        from TwinRTCommon import process
 
         self._checkInputs(ctVolume, segmentation, None, mcSamples)
         if roiMap is None:
@@ -591,8 +594,9 @@ class DosePredictLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
             inputPath, outputPath = Path(folder) / "input.npz", Path(folder) / "output.npz"
             report(progress, 0.02, "Writing the worker input", cancel)
             worker.writeInput(inputPath, exported, possibleDoseMask)
-            process.runWorker(["--input", str(inputPath), "--output", str(outputPath)] + arguments,
-                              workerProgress if progress is not None else None, cancel, self.logCallback)
+            process.runWorker(worker.WORKER_SCRIPT, ["--input", str(inputPath), "--output", str(outputPath)]
+                              + arguments, workerProgress if progress is not None else None, cancel, self.logCallback,
+                              label=self.WORKER_LABEL)
             output = worker.readOutput(outputPath)
         grid = case.ct.grid
         if output["dose"].shape != grid.shape:
@@ -1181,8 +1185,9 @@ class DosePredictTest(CaseModuleTestMixin, ScriptedLoadableModuleTest):
             if fraction > 0.05:
                 token.cancel()
 
-        with self.assertRaises(CancelledError):
+        with self.assertRaises(CancelledError) as context:
             logic.predictDose(created["ct"], created["segmentation"], progress=cancelWhileRunning, cancel=token)
+        self.assertIn("Dose prediction cancelled by the user", str(context.exception))
         self.assertIn("Reading the case", seen)  # the worker's first line arrived before the cancel
         self.assertEqual(self.sceneState(slicer.mrmlScene), before)
         self.delayDisplay("Test passed")
@@ -1193,16 +1198,18 @@ class DosePredictTest(CaseModuleTestMixin, ScriptedLoadableModuleTest):
 
         from twinrt.errors import InvalidInputError, MissingInputError
 
-        from DosePredictLib import process, worker
+        from DosePredictLib import worker
+        from TwinRTCommon import process, workerio
 
         self.delayDisplay("Worker errors")
         with tempfile.TemporaryDirectory() as folder:
             bad = Path(folder) / "bad.npz"
             bad.write_bytes(b"this is not an npz file")
-            command = process.workerCommand(["--input", str(bad), "--output", str(Path(folder) / "out.npz")])
+            command = process.workerCommand(worker.WORKER_SCRIPT, ["--input", str(bad), "--output",
+                                                                   str(Path(folder) / "out.npz")])
             run = subprocess.run(command, env=process.workerEnvironment(), capture_output=True, text=True,
                                  timeout=120)
-            self.assertEqual(run.returncode, worker.EXIT_INPUT_ERROR, run.stdout + run.stderr)
+            self.assertEqual(run.returncode, workerio.EXIT_INPUT_ERROR, run.stdout + run.stderr)
             lines = run.stdout.splitlines()
             self.assertIn("ERRORTYPE InvalidInputError", lines)
             self.assertTrue(any(line.startswith("ERROR ") and "not a readable npz" in line for line in lines), lines)
@@ -1212,13 +1219,14 @@ class DosePredictTest(CaseModuleTestMixin, ScriptedLoadableModuleTest):
             # The same through the process runner: the error type survives the process boundary.
             logged = []
             with self.assertRaises(InvalidInputError) as context:
-                process.runWorker(["--input", str(bad), "--output", str(Path(folder) / "out.npz")],
-                                  logCallback=logged.append)
+                process.runWorker(worker.WORKER_SCRIPT, ["--input", str(bad), "--output",
+                                                         str(Path(folder) / "out.npz")], logCallback=logged.append)
             self.assertIn("not a readable npz", str(context.exception))
             self.assertIn("ERRORTYPE InvalidInputError", logged)
             with self.assertRaises(MissingInputError):
-                process.runWorker(["--input", str(Path(folder) / "absent.npz"), "--output", str(bad)])
-        self.assertEqual(process.parseLine("PROGRESS 0.5 half way"), ("progress", 0.5, "half way"))
-        self.assertEqual(process.parseLine("PROGRESS x y")[0], "log")
-        self.assertEqual(process.parseLine("ERROR it broke"), ("error", None, "it broke"))
+                process.runWorker(worker.WORKER_SCRIPT, ["--input", str(Path(folder) / "absent.npz"), "--output",
+                                                         str(bad)])
+        self.assertEqual(workerio.parseLine("PROGRESS 0.5 half way"), ("progress", 0.5, "half way"))
+        self.assertEqual(workerio.parseLine("PROGRESS x y")[0], "log")
+        self.assertEqual(workerio.parseLine("ERROR it broke"), ("error", None, "it broke"))
         self.delayDisplay("Test passed")

@@ -5,6 +5,9 @@
 * :mod:`TwinRTCommon.logic`: the case-loading methods every module Logic shares.
 * :mod:`TwinRTCommon.widget`: the parameter-node and scene plumbing every module Widget shares.
 * :mod:`TwinRTCommon.sampledata`: the bundled sample patient in Slicer's Sample Data module.
+* :mod:`TwinRTCommon.process`: starts a module's worker process, follows its progress, cancels it.
+* :mod:`TwinRTCommon.workerio`: the worker's line protocol and npz helpers (numpy only, no slicer;
+  the worker processes import it too).
 * :mod:`TwinRTCommon.writescene`: ``python -m TwinRTCommon.writescene --dicom DIR --mrb OUT.mrb``.
 * :mod:`TwinRTCommon.testing`: tiny synthetic cases and the self-tests every module shares.
 

@@ -123,6 +123,30 @@ ROLE_DVH_SERIES = "DVHSeries"
 #: Bin width (Gy) of the DVH curves put in the scene; metrics do not depend on it (twinrt.dvh).
 DVH_CURVE_BIN_WIDTH_GY = 0.1
 
+# --------------------------------------------------------------------------------------------------
+# Standard terminology of segments (Slicer's Terminologies module; DICOM SEG export reads it).
+#: Terminology context and anatomic context of the entries below: Slicer's default lists, which
+#: lassoan/SlicerTotalSegmentator: TotalSegmentator/TotalSegmentator.py also writes for its organs.
+TERMINOLOGY_CONTEXT = "Segmentation category and type - DICOM master list"
+TERMINOLOGY_ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+#: Category of every organ below: SNOMED CT 123037004 "Anatomical Structure".
+TERMINOLOGY_ANATOMICAL_STRUCTURE = ("SCT", "123037004", "Anatomical Structure")
+#: AAPM TG-263 organ name -> (SNOMED CT type code, code meaning, laterality modifier or None).
+#: This is data, kept here (not in the core's oar.py) because the entry format is Slicer's. The codes
+#: and laterality qualifiers (left 7771000, right 24028007) are those of the TG-263 -> SNOMED CT
+#: concept map of HL7/fhir-mCODE-ig: input/pagecontent/ConceptMap-TG263CM-intro.md; SlicerTotalSegmentator's
+#: TotalSegmentator/Resources/totalsegmentator_snomed_mapping.csv gives the same esophagus and spinal
+#: cord codes and puts laterality in the type modifier, as done here.
+TG263_TERMINOLOGY = {
+    "Brainstem": ("15926001", "Brainstem", None),
+    "SpinalCord": ("2748008", "Spinal cord", None),
+    "Parotid_L": ("45289007", "Parotid gland", ("SCT", "7771000", "Left")),
+    "Parotid_R": ("45289007", "Parotid gland", ("SCT", "24028007", "Right")),
+    "Esophagus": ("32849002", "Esophagus", None),
+    "Larynx": ("4596009", "Larynx", None),
+    "Bone_Mandible": ("91609006", "Mandible", None),
+}
+
 _CREATED_BY = "TwinRTCommon.mrmlio.caseToScene"
 
 #: Dose colour ramp (low to high), stretched to 256 colours like SlicerRT stretches its isodose table.
@@ -483,6 +507,25 @@ def addStructureSegment(segmentation, ct, structure: Structure, segmentId: str =
         raise StructureError(f"Slicer refused structure '{structure.name}'", structure.name)
     segmentation.GetSegmentation().GetSegment(newId).SetTag(STRUCTURE_TYPE_TAG, structure.type.name)
     return newId
+
+
+def tg263TerminologyEntry(name: str) -> str:
+    """The Slicer terminology entry of an organ of :data:`TG263_TERMINOLOGY`, "" for any other name.
+
+    The entry is what Slicer stores under the segment tag ``vtkSegment.GetTerminologyEntryTagName()``:
+    seven ``~``-separated parts (context, category, type, type modifier, anatomic context, anatomic
+    region, its modifier), each code as ``scheme^value^meaning``, the format of
+    ``vtkSlicerTerminologiesModuleLogic::SerializeTerminologyEntry``
+    (Slicer/Slicer: Modules/Loadable/Terminologies/Logic/vtkSlicerTerminologiesModuleLogic.cxx).
+
+    :param name: the structure's AAPM TG-263 name, e.g. ``Parotid_L`` (exact spelling).
+    """
+    if name not in TG263_TERMINOLOGY:
+        return ""
+    code, meaning, modifier = TG263_TERMINOLOGY[name]
+    parts = [TERMINOLOGY_CONTEXT, "^".join(TERMINOLOGY_ANATOMICAL_STRUCTURE), f"SCT^{code}^{meaning}",
+             "^".join(modifier) if modifier else "^^", TERMINOLOGY_ANATOMIC_CONTEXT, "^^", "^^"]
+    return "~".join(parts)
 
 
 def addDoseVolume(scene, dose: Dose, studyItem: int, nodeName: str, doseName: Optional[str] = None,

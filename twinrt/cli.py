@@ -296,6 +296,72 @@ def _cmd_contour_sam(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_contour_oar(args: argparse.Namespace) -> int:
+    """``twinrt contour train|evaluate-openkbp|oar|models`` (issue 6): the organ-at-risk network."""
+    from twinrt.autocontour import oar
+
+    action = args.contour_command
+    if action == "train":
+        from twinrt.autocontour.oar_config import OarConfig
+        from twinrt.autocontour.oar_train import train
+
+        config = OarConfig.load(args.config)
+        if args.epochs is not None:
+            config.train.epochs = args.epochs
+            config.validate()
+        command = f"twinrt contour train --config {args.config} --out {args.out}"
+        command += f" --data {args.data}" if args.data else ""
+        command += f" --epochs {args.epochs}" if args.epochs is not None else ""
+        command += f" --max-patients {args.max_patients}" if args.max_patients is not None else ""
+        entry = train(config, args.data, args.out, max_patients=args.max_patients, command=command)
+        v = entry["validation"]
+        print("RESULT " + json.dumps({"model_id": entry["id"], "sha256": entry["sha256"], "mean_dice": v["mean_dice"],
+                                      "dice": v["dice"], "hd95_mm": v["hd95_mm"], "n_patients": v["n_patients"],
+                                      "seconds_per_patient": v["seconds_per_patient"],
+                                      "seconds": entry["training"]["seconds_total"]}))
+        return 0
+    if action == "evaluate-openkbp":
+        res = oar.evaluate_openkbp(args.folder, args.model, args.limit, args.mc_samples)
+        if args.json:
+            from twinrt.io_utils import write_text_atomic
+
+            write_text_atomic(args.json, json.dumps(res, indent=1) + "\n")
+            print(f"wrote {args.json}")
+        print("RESULT " + json.dumps({k: res[k] for k in ("mean_dice", "dice", "hd95_mm", "n_patients",
+                                                          "seconds_per_patient", "model_id", "sha256", "mc_samples")}))
+        return 0
+    if action == "models":
+        models = oar.list_models()
+        print(f"searched: {oar.user_models_dir()}, {oar.package_models_dir()}")
+        for m in models:
+            v = m.get("validation", {})
+            print(f"{m['id']:<26} {m.get('version', ''):<8} {m.get('sizeMB', 0):6.1f} MB  mean Dice {v.get('mean_dice')} "
+                  f"({v.get('n_patients')} patients)  {m['path']}")
+        if not models:
+            print("no organ-segmentation model installed")
+        return 0
+    from twinrt.dicom.folder import export_case, import_case
+
+    case = import_case(args.dicom_dir)
+    out, res, actions = oar.contour_case(case, args.model, args.organs, args.replace, args.mc_samples,
+                                         progress=_print_progress)
+    export_case(out, args.out)
+    for s in res.structures:
+        unc = res.organ_uncertainty.get(s.name)
+        print(f"{s.name:>14}: {s.volume_cc:7.1f} cc"
+              + (f"  boundary uncertainty (MC-dropout std) {unc:.3f}" if unc is not None else ""))
+    for name, action in actions.items():
+        print(f"{name}: {dict(add='added', replace='replaced', keep='kept the existing structure')[action]}")
+    if res.missing:
+        print(f"not found on this CT: {', '.join(res.missing)}")
+    for note in res.notes:
+        print(note)
+    print(f"model {res.model_id} {res.version} (sha256 {res.sha256}), {res.mc_samples} MC-dropout samples, "
+          f"{res.seconds:.1f} s; wrote {args.out}")
+    print(twinrt.RESEARCH_USE_ONLY)
+    return 0
+
+
 def _add_dose_predict_parser(sub: argparse._SubParsersAction) -> None:
     """The ``dose-predict`` subcommand group."""
     dp = sub.add_parser("dose-predict", help="AI dose prediction (3D U-Net trained on OpenKBP): train, evaluate, "
@@ -373,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("make-sample", help="(developers) rebuild the bundled sample from ../shared/data")
     m.add_argument("--out", type=Path, default=None)
     _add_dose_predict_parser(sub)
-    ct = sub.add_parser("contour", help="automatic contouring (issue 6; so far: contours without a model)")
+    ct = sub.add_parser("contour", help="automatic contouring: organ-at-risk network, Segment Anything prompts, "
+                        "contours without a model")
     cts = ct.add_subparsers(dest="contour_command", required=True)
     cl = cts.add_parser("classical", help="body, lungs, bones and air cavities from the CT's HU (no model); "
                         "writes the patient folder again with them in the RTSTRUCT")
@@ -409,6 +476,29 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--no-propagate", action="store_true", help="segment the prompted slice only")
     sa.add_argument("--max-slices", type=int, default=None, help="propagate at most this many slices each way")
     sa.add_argument("--replace", action="store_true", help="replace a structure of the same name")
+    ot = cts.add_parser("train", help="train the organ-at-risk network on OpenKBP (writes <id>.pt and <id>.json)")
+    ot.add_argument("--config", type=Path, required=True,
+                    help="recipe JSON, e.g. twinrt/autocontour/configs/openkbp_oar_unet25d_cpu.json")
+    ot.add_argument("--out", type=Path, required=True)
+    ot.add_argument("--data", type=Path, default=None, help="OpenKBP folder (default ../shared/data/openkbp)")
+    ot.add_argument("--epochs", type=int, default=None)
+    ot.add_argument("--max-patients", type=int, default=None, help="first N training and validation patients")
+    oe = cts.add_parser("evaluate-openkbp", help="segment every pt_*.npz of a folder and print per-organ Dice, "
+                        "HD95 (mm) and time per patient, ending with RESULT {json}")
+    oe.add_argument("folder", type=Path)
+    oe.add_argument("--model", default=None, help="model id or <id>.json path (default the shipped model)")
+    oe.add_argument("--limit", type=int, default=None)
+    oe.add_argument("--mc-samples", type=int, default=0, help="MC-dropout passes per patient (timed; default 0)")
+    oe.add_argument("--json", type=Path, default=None, help="also write every figure, per patient, to this file")
+    oo = cts.add_parser("oar", help="contour the head-and-neck organs at risk of a DICOM patient with the network; "
+                        "keeps the patient's own structures, adds the missing ones")
+    oo.add_argument("dicom_dir", type=Path)
+    oo.add_argument("--out", type=Path, required=True)
+    oo.add_argument("--model", default=None)
+    oo.add_argument("--organs", nargs="+", default=None, metavar="ORGAN", help="default: every organ of the model")
+    oo.add_argument("--mc-samples", type=int, default=None, help="MC-dropout passes (default the model's)")
+    oo.add_argument("--replace", action="store_true", help="replace the patient's structure of the same organ")
+    cts.add_parser("models", help="list the installed organ-segmentation models")
     return p
 
 
@@ -435,7 +525,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "dose-predict":
             return _cmd_dose_predict(args)
         if args.command == "contour":
-            return _cmd_contour(args) if args.contour_command == "classical" else _cmd_contour_sam(args)
+            if args.contour_command == "classical":
+                return _cmd_contour(args)
+            if args.contour_command.startswith("sam"):
+                return _cmd_contour_sam(args)
+            return _cmd_contour_oar(args)
     except TwinRTError as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 2

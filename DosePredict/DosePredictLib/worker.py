@@ -8,25 +8,20 @@ any Python that has numpy, torch and MONAI outside it::
 
 It reads the case the Logic exported (:func:`writeInput`), runs
 :meth:`twinrt.dosepredict.predict.DosePredictor.predict_case` and writes the prediction
-(:func:`writeOutput`) atomically, so the Logic never reads half a file. On stdout it prints one
-line per event, flushed at once:
-
-* ``PROGRESS <fraction 0..1> <text>`` while it works;
-* ``ERRORTYPE <class name>`` then ``ERROR <message>`` when it fails.
-
-Exit codes: 0 done (the output exists); 2 a typed TwinRT error (bad input, no such model, weights
-whose sha256 does not match, a case without a PTV...), whose message says what to do; 1 anything
-else (a bug: the traceback follows on stderr). A cancelled run is killed by the Logic and has no
-exit code of its own.
+(:func:`writeOutput`) atomically, so the Logic never reads half a file. Its output lines
+(``PROGRESS``, ``ERRORTYPE``, ``ERROR``) and exit codes (2: a typed TwinRT error such as a case
+without a PTV; 1: a bug) are the protocol of :mod:`TwinRTCommon.workerio`, which
+:mod:`TwinRTCommon.process` follows on the Logic's side.
 
 Why a process: the model and torch's threads stay out of Slicer's process, a crash cannot take the
 scene with it, and Cancel can stop the work at once by killing the process tree, whereas a thread
 can only stop where it checks a token.
 
-The file also holds the npz format both sides share (:func:`writeInput`/:func:`readInput`,
-:func:`writeOutput`/:func:`readOutput`), so that the two cannot drift apart. Arrays keep the
-(k, j, i) order of ``slicer.util.arrayFromVolume``. Only numpy is imported at module level; twinrt
-is imported inside the functions, after ``--core-dir`` has put it on ``sys.path``.
+The file also holds the npz layouts both sides share (:func:`writeInput`/:func:`readInput`,
+:func:`writeOutput`/:func:`readOutput`), so that the two cannot drift apart; the helpers under them
+are :mod:`TwinRTCommon.workerio`'s. Only numpy and that module are imported at module level; twinrt
+is imported inside the functions. Run as a script, the file first puts ``--core-dir`` (the folder
+holding ``twinrt`` and ``TwinRTCommon``) on ``sys.path``, because only its own folder is there.
 """
 
 from __future__ import annotations
@@ -35,102 +30,27 @@ import argparse
 import json
 import os
 import sys
-import time
-import traceback
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
-#: Version of the npz layout below; a worker refuses an input of another version.
-FORMAT_VERSION = 1
-#: Exit codes (module docstring).
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_INPUT_ERROR = 2
-#: Prefixes of the lines the Logic parses (DosePredictLib.process).
-PROGRESS_PREFIX = "PROGRESS"
-ERROR_PREFIX = "ERROR"
-ERROR_TYPE_PREFIX = "ERRORTYPE"
+if __name__ == "__main__":
+    # A script has only its own folder on sys.path: --core-dir (the folder holding twinrt and
+    # TwinRTCommon) goes first, before the TwinRTCommon import below.
+    _bootstrap = argparse.ArgumentParser(add_help=False)
+    _bootstrap.add_argument("--core-dir", default="")
+    _coreDir = _bootstrap.parse_known_args()[0].core_dir
+    if _coreDir and _coreDir not in sys.path:
+        sys.path.insert(0, _coreDir)
 
+from TwinRTCommon.workerio import (GRID_KEYS, emitProgress, gridArrays, gridFromArrays, loadNpz,  # noqa: E402
+                                   packMasks, runMain, saveNpz, textArray, unpackMasks)
+
+#: This script (what :func:`TwinRTCommon.process.runWorker` runs).
+WORKER_SCRIPT = Path(__file__).resolve().with_name("worker.py")
 #: Keys an input file must hold.
-INPUT_KEYS = ("format_version", "ct", "shape", "spacing", "origin", "direction", "masks", "names", "types",
-              "prescriptions", "metadata")
-
-
-# ------------------------------------------------------------------------------------------ lines
-def _oneLine(text: str) -> str:
-    # A message with a newline would be cut in two by the line-based protocol.
-    return " ".join(str(text).split())
-
-
-def emitProgress(fraction: float, text: str) -> None:
-    """Print a ``PROGRESS`` line (flushed: the Logic reads the pipe while the worker runs)."""
-    fraction = min(max(float(fraction), 0.0), 1.0)
-    print(f"{PROGRESS_PREFIX} {fraction:.4f} {_oneLine(text)}", flush=True)
-
-
-def emitError(exc: BaseException) -> None:
-    """Print the error's class name and message, so the Logic can raise the same type."""
-    print(f"{ERROR_TYPE_PREFIX} {type(exc).__name__}", flush=True)
-    print(f"{ERROR_PREFIX} {_oneLine(str(exc)) or type(exc).__name__}", flush=True)
-
-
-# ----------------------------------------------------------------------------------- npz format
-def _text(value: Any) -> np.ndarray:
-    """A unicode array (not an object array: files are read with ``allow_pickle=False``)."""
-    return np.asarray(str(value))
-
-
-def _saveNpz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
-    """Write an uncompressed npz atomically (temporary sibling, then rename).
-
-    Uncompressed: the file lives a few seconds in a temporary folder and compressing a CT and its
-    masks would cost more time than writing them.
-    """
-    from twinrt.io_utils import atomic_path
-
-    with atomic_path(path) as tmp:
-        # A file object, not a name: np.savez appends ".npz" to a name that lacks it.
-        with open(tmp, "wb") as stream:
-            np.savez(stream, **arrays)
-
-
-def _loadNpz(path: str | os.PathLike, keys: tuple[str, ...], what: str) -> dict[str, np.ndarray]:
-    from twinrt.errors import InvalidInputError, MissingInputError
-
-    path = Path(path)
-    if not path.is_file():
-        raise MissingInputError(f"The {what} {path} does not exist", path)
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except Exception as exc:  # numpy raises several unrelated types for a damaged file
-        raise InvalidInputError(f"The {what} {path} is not a readable npz file ({exc})") from exc
-    missing = [key for key in keys if key not in arrays]
-    if missing:
-        raise InvalidInputError(f"The {what} {path} lacks {', '.join(missing)}; it was not written by "
-                                "this version of DosePredict")
-    if int(arrays["format_version"]) != FORMAT_VERSION:
-        raise InvalidInputError(f"The {what} {path} has format version {int(arrays['format_version'])}; "
-                                f"this worker reads version {FORMAT_VERSION}")
-    return arrays
-
-
-def _packMasks(masks: np.ndarray) -> np.ndarray:
-    """(n, k, j, i) bool -> (n, ceil(k*j*i / 8)) uint8: a CT-sized mask costs one bit per voxel, not a byte."""
-    # An explicit size: reshape(0, -1) is ambiguous for a case without structures.
-    return np.packbits(masks.reshape(masks.shape[0], int(np.prod(masks.shape[1:]))), axis=1)
-
-
-def _unpackMasks(packed: np.ndarray, count: int, shape: tuple[int, ...]) -> np.ndarray:
-    from twinrt.errors import GeometryError
-
-    voxels = int(np.prod(shape))
-    if packed.ndim != 2 or packed.shape[0] != count or packed.shape[1] != (voxels + 7) // 8:
-        raise GeometryError(f"The worker input holds packed masks of shape {packed.shape}; expected {count} masks "
-                            f"of {shape} voxels")
-    return np.unpackbits(packed, axis=1, count=voxels).reshape((count,) + tuple(shape)).astype(bool)
+INPUT_KEYS = ("ct",) + GRID_KEYS + ("masks", "names", "types", "prescriptions", "metadata")
 
 
 def writeInput(path: str | os.PathLike, case, possibleDoseMask: Optional[np.ndarray] = None) -> None:
@@ -153,22 +73,18 @@ def writeInput(path: str | os.PathLike, case, possibleDoseMask: Optional[np.ndar
         if isinstance(case.metadata.get(key), str):
             metadata[key] = case.metadata[key]
     arrays = {
-        "format_version": np.asarray(FORMAT_VERSION),
         "ct": np.ascontiguousarray(case.ct.array),
-        "shape": np.asarray(grid.shape, dtype=np.int64),
-        "spacing": np.asarray(grid.spacing_mm, dtype=float),
-        "origin": np.asarray(grid.origin_mm, dtype=float),
-        "direction": np.asarray(grid.direction, dtype=float),
-        "masks": _packMasks(masks),
+        **gridArrays(grid),
+        "masks": packMasks(masks),
         # An (n,) unicode array; np.asarray of an empty list would be float, hence the dtype.
         "names": np.asarray([s.name for s in case.structures], dtype=str),
         "types": np.asarray([s.type.name for s in case.structures], dtype=str),
-        "prescriptions": _text(json.dumps([dataclasses.asdict(p) for p in case.prescriptions])),
-        "metadata": _text(json.dumps(metadata)),
+        "prescriptions": textArray(json.dumps([dataclasses.asdict(p) for p in case.prescriptions])),
+        "metadata": textArray(json.dumps(metadata)),
     }
     if possibleDoseMask is not None:
-        arrays["possible_dose_mask"] = _packMasks(np.asarray(possibleDoseMask, dtype=bool)[None])
-    _saveNpz(path, arrays)
+        arrays["possible_dose_mask"] = packMasks(np.asarray(possibleDoseMask, dtype=bool)[None])
+    saveNpz(path, arrays)
 
 
 def readInput(path: str | os.PathLike):
@@ -178,12 +94,11 @@ def readInput(path: str | os.PathLike):
     :raises InvalidInputError: a damaged or inconsistent file (``GeometryError`` for shapes).
     """
     from twinrt.errors import GeometryError, InvalidInputError
-    from twinrt.geometry import Grid
     from twinrt.model import Case, Image, Prescription, Structure, StructureType
 
-    arrays = _loadNpz(path, INPUT_KEYS, "worker input")
-    shape = tuple(int(n) for n in arrays["shape"])
-    grid = Grid(shape, tuple(arrays["spacing"]), tuple(arrays["origin"]), np.asarray(arrays["direction"]))
+    arrays = loadNpz(path, INPUT_KEYS, "worker input")
+    grid = gridFromArrays(arrays)
+    shape = grid.shape
     ct = arrays["ct"]
     if ct.shape != shape:
         raise GeometryError(f"The worker input's CT has shape {ct.shape}, its grid says {shape}")
@@ -191,7 +106,7 @@ def readInput(path: str | os.PathLike):
     types = [str(t) for t in arrays["types"]]
     if len(types) != len(names):
         raise GeometryError(f"The worker input holds {len(names)} structure names but {len(types)} types")
-    masks = _unpackMasks(arrays["masks"], len(names), shape)
+    masks = unpackMasks(arrays["masks"], len(names), shape)
     structures = [Structure(name, masks[index].astype(bool), grid,
                             type=StructureType[types[index]] if types[index] in StructureType.__members__
                             else StructureType.guess(name))
@@ -205,7 +120,7 @@ def readInput(path: str | os.PathLike):
     metadata["prescriptions"] = prescriptions
     possibleDoseMask = arrays.get("possible_dose_mask")
     if possibleDoseMask is not None:
-        possibleDoseMask = _unpackMasks(possibleDoseMask, 1, shape)[0]
+        possibleDoseMask = unpackMasks(possibleDoseMask, 1, shape)[0]
         # The core reads the mask from here (twinrt.dosepredict.inputs.prepare_case).
         metadata["possible_dose_mask"] = possibleDoseMask
     return Case(patientId, Image(ct, grid, "CT"), structures, {}, [], metadata), possibleDoseMask
@@ -222,11 +137,10 @@ def writeOutput(path: str | os.PathLike, result, modelVersion: str = "") -> None
             "roi_map": dict(result.roi_map), "warnings": list(result.warnings), "seconds": float(result.seconds),
             "mc_samples": int(result.mc_samples), "research_use_only": result.research_use_only,
             "dose_source": result.dose.source, "std_source": result.std.source if result.std is not None else ""}
-    arrays = {"format_version": np.asarray(FORMAT_VERSION), "dose": np.asarray(result.dose.array, np.float32),
-              "meta": _text(json.dumps(meta))}
+    arrays = {"dose": np.asarray(result.dose.array, np.float32), "meta": textArray(json.dumps(meta))}
     if result.std is not None:
         arrays["std"] = np.asarray(result.std.array, np.float32)
-    _saveNpz(path, arrays)
+    saveNpz(path, arrays)
 
 
 def readOutput(path: str | os.PathLike) -> dict[str, Any]:
@@ -238,7 +152,7 @@ def readOutput(path: str | os.PathLike) -> dict[str, Any]:
     """
     from twinrt.errors import InvalidInputError
 
-    arrays = _loadNpz(path, ("format_version", "dose", "meta"), "worker output")
+    arrays = loadNpz(path, ("dose", "meta"), "worker output")
     try:
         meta = json.loads(str(arrays["meta"]))
     except ValueError as exc:
@@ -258,7 +172,8 @@ def parseArguments(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="MC-dropout passes for the standard deviation (0: none); default the model's")
     parser.add_argument("--roi-map", default="", help="JSON object: model ROI -> structure name; default automatic")
     parser.add_argument("--models-dir", default="", help="folder of installed models (sets TWINRT_MODELS_DIR)")
-    parser.add_argument("--core-dir", default="", help="folder holding the twinrt package (put on sys.path)")
+    parser.add_argument("--core-dir", default="",
+                        help="folder holding the twinrt and TwinRTCommon packages (put on sys.path)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     return parser.parse_args(argv)
@@ -297,30 +212,11 @@ def predict(arguments: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Run the worker; returns the exit code (module docstring)."""
+    """Run the worker; returns the exit code (:mod:`TwinRTCommon.workerio`)."""
     arguments = parseArguments(argv)
     if arguments.core_dir and arguments.core_dir not in sys.path:
         sys.path.insert(0, arguments.core_dir)
-    if arguments.models_dir:
-        os.environ["TWINRT_MODELS_DIR"] = arguments.models_dir
-    start = time.perf_counter()
-    try:
-        from twinrt.errors import TwinRTError
-    except ImportError as exc:
-        emitError(exc)
-        print("The twinrt package is not importable; pass --core-dir (the folder holding twinrt)", file=sys.stderr)
-        return EXIT_FAILED
-    try:
-        predict(arguments)
-    except TwinRTError as exc:
-        emitError(exc)
-        return EXIT_INPUT_ERROR
-    except Exception as exc:  # a bug: report it, with the traceback for the log
-        traceback.print_exc()
-        emitError(exc)
-        return EXIT_FAILED
-    print(f"Worker finished in {time.perf_counter() - start:.1f} s", flush=True)
-    return EXIT_OK
+    return runMain(lambda: predict(arguments), arguments.models_dir)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ _SYNONYMS = {
     "Esophagus": {"esophagus", "oesophagus", "esophag", "oesophag", "esoph", "oesoph", "eso", "oesophagus"},
     "Larynx": {"larynx", "glottis", "larynxglottic", "glotticlarynx", "larynxsg", "supraglotticlarynx",
                "larynxsupraglottic", "supraglottis"},
-    "Mandible": {"mandible", "mandibula", "jaw", "mandibule", "mandiblebone"},
+    "Mandible": {"mandible", "mandibula", "jaw", "mandibule", "mandiblebone", "bonemandible"},
 }
 
 

@@ -1,8 +1,8 @@
 """DosePredict headless: its DosePredictTest methods, descriptor, parameter node, Widget plumbing, .ui, icon, CMake.
 
 The module checks are in Testing/Python/module_checks.py (ModuleChecks), written once for the five modules.
-Below them: the SlicerRT dose engine's guard, the process runner (cancel kills the process tree, heartbeat,
-crash, slicer.util.launchConsoleProcess headless) and the worker's npz format.
+Below them: the SlicerRT dose engine's guard, the shared process runner TwinRTCommon.process (cancel kills the
+process tree, heartbeat, crash, slicer.util.launchConsoleProcess headless) and the worker's npz format.
 """
 
 import sys
@@ -53,7 +53,7 @@ def _processModule():
     import slicer_harness
 
     slicer_harness.addSourcePaths()
-    from DosePredictLib import process
+    from TwinRTCommon import process
 
     return process
 
@@ -171,3 +171,20 @@ def test_workerInputRoundTrip(tmp_path):
     # Without a possible-dose mask the worker thresholds the body itself.
     worker.writeInput(tmp_path / "nomask.npz", case)
     assert worker.readInput(tmp_path / "nomask.npz")[1] is None
+
+
+def test_workerImportsNeitherSlicerNorTheCoreAtImport():
+    """The worker (run with only its own folder and --core-dir on sys.path) loads without slicer or twinrt."""
+    import subprocess
+
+    from slicer_harness import REPO_ROOT
+
+    code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
+            "import worker\n"
+            "loaded = sorted(m for m in ('slicer', 'vtk', 'twinrt', 'torch') if m in sys.modules)\n"
+            "print(loaded)\n")
+    folder = REPO_ROOT / "DosePredict" / "DosePredictLib"
+    run = subprocess.run([sys.executable, "-c", code, str(REPO_ROOT), str(folder)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]", run.stdout

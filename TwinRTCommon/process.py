@@ -1,12 +1,17 @@
-"""Start the DosePredict worker, follow its ``PROGRESS`` lines, turn its failures into typed errors, cancel it.
+"""Start a module's worker, follow its ``PROGRESS`` lines, turn its failures into typed errors, cancel it.
+
+One launcher for every module whose stage runs in a worker process (DosePredict's dose prediction,
+AutoContour's organ-at-risk network): the module passes its worker script and the arguments; the
+line protocol and exit codes the two sides share are in :mod:`TwinRTCommon.workerio`.
 
 How the process is started and stopped depends on what is available, because a cancel must stop
 the *whole process tree*: inside Slicer the command is ``PythonSlicer worker.py``, and PythonSlicer
 is a launcher whose child (python-real) does the work, so killing only the started process would
-leave the prediction running ("proc.kill() does not work, that would only stop the launcher",
+leave the computation running ("proc.kill() does not work, that would only stop the launcher",
 lassoan/SlicerMONAIAuto3DSeg: MONAIAuto3DSegLib/process.py).
 
-* **psutil importable** (Slicer, after ``Resources/requirements.txt`` is installed): the worker is
+* **psutil importable** (Slicer, once a module's ``Resources/requirements.txt`` installed it, as
+  DosePredict's Apply does): the worker is
   started with ``slicer.util.launchConsoleProcess`` (Slicer's startup environment inside Slicer,
   the current one headless), and a cancel kills ``psutil.Process(pid).children(recursive=True)``
   and then the process itself.
@@ -40,11 +45,9 @@ import threading
 from pathlib import Path
 from typing import Callable, Optional
 
-from DosePredictLib.worker import ERROR_PREFIX, ERROR_TYPE_PREFIX, EXIT_INPUT_ERROR, EXIT_OK, PROGRESS_PREFIX
+from TwinRTCommon.workerio import EXIT_INPUT_ERROR, EXIT_OK, parseLine
 from twinrt.errors import TwinRTError
 
-#: The worker script, beside this file.
-WORKER_SCRIPT = Path(__file__).resolve().parent / "worker.py"
 #: Output lines kept for the error message of a crashed worker.
 TAIL_LINES = 20
 
@@ -79,22 +82,26 @@ def pythonExecutable() -> str:
 
 
 def coreDirectory() -> Path:
-    """The folder holding the ``twinrt`` package this process uses (the repository, or Slicer's
-    qt-scripted-modules folder where the extension installs it)."""
+    """The folder holding the ``twinrt`` and ``TwinRTCommon`` packages this process uses (the
+    repository, or Slicer's qt-scripted-modules folder where the extension installs both)."""
     import twinrt
 
     return Path(twinrt.__file__).resolve().parent.parent
 
 
-def workerCommand(arguments: list[str]) -> list[str]:
-    """The command line that runs the worker with ``arguments``.
+def workerCommand(script: str | os.PathLike, arguments: list[str]) -> list[str]:
+    """The command line that runs the worker ``script`` with ``arguments``.
 
-    ``--core-dir`` is added when missing, so that the worker imports the same twinrt as this process.
+    ``--core-dir`` is added when missing, so that the worker imports the same twinrt and
+    TwinRTCommon as this process.
+
+    :param script: the worker script, e.g. ``DosePredictLib/worker.py``.
+    :param arguments: its command-line arguments.
     """
     arguments = [str(a) for a in arguments]
-    if "--core-dir" not in arguments:
+    if "--core-dir" not in arguments and not any(a.startswith("--core-dir=") for a in arguments):
         arguments += ["--core-dir", str(coreDirectory())]
-    return [pythonExecutable(), str(WORKER_SCRIPT), *arguments]
+    return [pythonExecutable(), str(Path(script).resolve()), *arguments]
 
 
 def workerEnvironment(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
@@ -112,26 +119,6 @@ def workerEnvironment(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
     environment["PYTHONUNBUFFERED"] = "1"
     environment.update(extra or {})
     return environment
-
-
-def parseLine(line: str) -> tuple[str, object, str]:
-    """Classify one output line of the worker.
-
-    :return: ``("progress", fraction, text)``, ``("error", None, message)``,
-        ``("errortype", None, class name)`` or ``("log", None, line)``.
-    """
-    kind, _, rest = line.partition(" ")
-    if kind == PROGRESS_PREFIX:
-        value, _, text = rest.partition(" ")
-        try:
-            return "progress", min(max(float(value), 0.0), 1.0), text
-        except ValueError:
-            return "log", None, line
-    if kind == ERROR_PREFIX:
-        return "error", None, rest
-    if kind == ERROR_TYPE_PREFIX:
-        return "errortype", None, rest.strip()
-    return "log", None, line
 
 
 def typedError(typeName: str, message: str) -> Exception:
@@ -157,14 +144,17 @@ class WorkerProcess:
     :param logCallback: ``logCallback(line)`` for every output line that is not a PROGRESS line.
     :param useSlicerLauncher: start with ``slicer.util.launchConsoleProcess``; None (default) does
         so exactly when psutil is importable, because only psutil can then kill the tree.
+    :param label: what the worker computes (``"dose prediction"``), for the log and the messages.
     """
 
     #: Longest silence (seconds) between two progress calls while the worker runs.
     heartbeatSeconds = 0.1
 
     def __init__(self, command: list[str], environment: Optional[dict[str, str]] = None,
-                 logCallback: Optional[Callable[[str], None]] = None, useSlicerLauncher: Optional[bool] = None):
+                 logCallback: Optional[Callable[[str], None]] = None, useSlicerLauncher: Optional[bool] = None,
+                 label: str = "worker"):
         self.command = [str(c) for c in command]
+        self.label = str(label) or "worker"
         self.environment = environment
         self.logCallback = logCallback
         self.useSlicerLauncher = psutilModule() is not None if useSlicerLauncher is None else useSlicerLauncher
@@ -177,7 +167,7 @@ class WorkerProcess:
     # ---------------------------------------------------------------------------------- start/kill
     def start(self):
         """Start the process; returns the ``subprocess.Popen``."""
-        logging.debug("DosePredict: starting %s", self.command)
+        logging.debug("TwinRT %s: starting %s", self.label, self.command)
         if self.useSlicerLauncher:
             import slicer.util
 
@@ -233,7 +223,7 @@ class WorkerProcess:
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            logging.warning("DosePredict: worker %s did not stop within 10 s of being killed", proc.pid)
+            logging.warning("TwinRT %s: worker %s did not stop within 10 s of being killed", self.label, proc.pid)
 
     # -------------------------------------------------------------------------------------- run
     def _readOutput(self, lines: queue.Queue) -> None:
@@ -267,10 +257,11 @@ class WorkerProcess:
         from twinrt.progress import CancelledError
 
         if cancel is not None and cancel.cancelled:
-            raise CancelledError("Dose prediction cancelled by the user")
+            raise CancelledError(self._cancelledMessage())
         self.start()
         lines: queue.Queue = queue.Queue()
-        reader = threading.Thread(target=self._readOutput, args=(lines,), name="DosePredictWorkerOutput", daemon=True)
+        reader = threading.Thread(target=self._readOutput, args=(lines,), name=f"TwinRTWorkerOutput {self.label}",
+                                  daemon=True)
         reader.start()
         fraction, text = 0.0, "Starting the worker"
         errorType, errorMessage = "", ""
@@ -282,7 +273,7 @@ class WorkerProcess:
                 except queue.Empty:
                     line = ""
                 if cancel is not None and cancel.cancelled:
-                    raise CancelledError("Dose prediction cancelled by the user")
+                    raise CancelledError(self._cancelledMessage())
                 if line is None:
                     break  # end of output: the worker exited
                 if line:
@@ -307,6 +298,9 @@ class WorkerProcess:
             reader.join(timeout=5)
         return self._checkExit(errorType, errorMessage)
 
+    def _cancelledMessage(self) -> str:
+        return f"{self.label[:1].upper()}{self.label[1:]} cancelled by the user"
+
     def _checkExit(self, errorType: str, errorMessage: str) -> list[str]:
         code = self.proc.returncode
         if code == EXIT_OK:
@@ -319,17 +313,22 @@ class WorkerProcess:
         else:
             reason = f"failed with exit code {code}"
         summary = f": {errorMessage}" if errorMessage else ""
-        raise WorkerFailedError(f"The dose prediction worker {reason}{summary}. See the log for details; "
+        raise WorkerFailedError(f"The {self.label} process {reason}{summary}. See the log for details; "
                                 f"last output:\n{tail}")
 
 
-def runWorker(arguments: list[str], progress=None, cancel=None, logCallback=None,
-              environment: Optional[dict[str, str]] = None) -> list[str]:
-    """Run the worker with ``arguments`` (see :meth:`WorkerProcess.run`).
+def runWorker(script: str | os.PathLike, arguments: list[str], progress=None, cancel=None, logCallback=None,
+              environment: Optional[dict[str, str]] = None, label: str = "worker") -> list[str]:
+    """Run the worker ``script`` with ``arguments`` (see :meth:`WorkerProcess.run`).
 
+    :param script: the worker script (``<Module>Lib/worker.py``).
     :param arguments: the worker's command-line arguments (``--input``, ``--output``...).
+    :param progress: ``progress(fraction, text)``, called at least every 0.1 s on the calling thread.
+    :param cancel: a :class:`twinrt.progress.CancelToken`; when set, the worker's tree is killed.
+    :param logCallback: ``logCallback(line)`` for every output line that is not a PROGRESS line.
     :param environment: variables added to the worker's environment (:func:`workerEnvironment`).
+    :param label: what the worker computes (``"dose prediction"``), for the log and the messages.
     :return: the worker's output lines.
     """
-    worker = WorkerProcess(workerCommand(arguments), environment, logCallback)
+    worker = WorkerProcess(workerCommand(script, arguments), environment, logCallback, label=label)
     return worker.run(progress, cancel)
