@@ -8,8 +8,10 @@
   for torchvision where it cannot load).
 
 * :mod:`~twinrt.autocontour.metrics` — Dice and HD95 (mm), as MONAI defines them.
-
-The MONAI organ-at-risk network of issue 6 is not built yet.
+* :mod:`~twinrt.autocontour.oar` — head-and-neck organs at risk by a MONAI 2.5D U-Net with
+  MC-dropout uncertainty (recipe :mod:`~twinrt.autocontour.oar_config`, training
+  :mod:`~twinrt.autocontour.oar_train`, model in ``twinrt/autocontour/models``); torch and MONAI
+  are imported only when used.
 """
 
 from twinrt.autocontour.classical import (GROUPS, STRUCTURES, check_ct, classical_contours, merge_actions,

@@ -16,9 +16,12 @@ Prediction (:class:`OarSegmenter`):
    body's extent;
 2. every slice is predicted (dropout off) → organ probabilities; with ``mc_samples`` > 0 the
    network runs that many more times with dropout on and the per-voxel standard deviation of the
-   probability is the uncertainty;
-3. the probabilities go back to the CT grid (trilinear), are thresholded at ``predict.threshold``,
-   and each organ keeps its largest 3D connected component.
+   probability is the uncertainty (only on slices where the dropout-free pass gives some organ a
+   probability of at least :data:`MC_MIN_PROBABILITY`; elsewhere it is 0);
+3. each organ's probability is thresholded at ``predict.threshold`` and keeps its largest 3D
+   connected component; on a resampled CT the probability inside that organ's box goes back to the
+   CT grid (trilinear) and is thresholded there (largest component again); the uncertainty map
+   (largest standard deviation over organs) is mapped back once.
 
 Output structures are named after AAPM TG-263 (:data:`TG263_NAMES`). Every result records the model
 id and the sha256 of its weights. Models: ``twinrt/autocontour/models`` (shipped) and
@@ -53,6 +56,9 @@ ORGAN_COLORS = {"Brainstem": (145, 92, 109), "SpinalCord": (244, 214, 49), "Righ
                 "Mandible": (241, 214, 145)}
 #: The shipped default model.
 DEFAULT_MODEL_ID = "openkbp-oar-unet25d-cpu"
+#: MC-dropout passes run only on slices where the dropout-free pass gives some organ at least this
+#: probability; elsewhere the standard deviation is 0 (no organ is possible there).
+MC_MIN_PROBABILITY = 0.05
 #: Sub-folder of the user models folder for segmentation models.
 USER_SUBDIR = "autocontour"
 
@@ -160,12 +166,15 @@ def predict_probabilities(net: Any, ct_hu: np.ndarray, config: OarConfig, mc_sam
             prob[:, ks[0]:ks[-1] + 1] = p.transpose(1, 0, 2, 3)
             done += 1
             report(progress, done / total, "organ network", cancel)
-            if mc_samples > 0:
+            # MC passes only on slices where some organ is possible: elsewhere the spread is ~0.
+            busy = np.nonzero(p.reshape(len(ks), -1).max(axis=1) >= MC_MIN_PROBABILITY)[0]
+            if mc_samples > 0 and len(busy):
                 enable_mc_dropout(net)
-                s1 = np.zeros_like(p)
-                s2 = np.zeros_like(p)
+                xb = x[torch.from_numpy(busy)]
+                s1 = np.zeros((len(busy),) + p.shape[1:], np.float32)
+                s2 = np.zeros_like(s1)
                 for _ in range(mc_samples):
-                    q = torch.sigmoid(run(x))[..., :nj, :ni].cpu().numpy()
+                    q = torch.sigmoid(run(xb))[..., :nj, :ni].cpu().numpy()
                     s1 += q
                     s2 += q * q
                     done += 1
@@ -173,7 +182,10 @@ def predict_probabilities(net: Any, ct_hu: np.ndarray, config: OarConfig, mc_sam
                 net.eval()
                 m = s1 / mc_samples
                 assert std is not None
-                std[:, ks[0]:ks[-1] + 1] = np.sqrt(np.maximum(s2 / mc_samples - m * m, 0.0)).transpose(1, 0, 2, 3)
+                sd = np.sqrt(np.maximum(s2 / mc_samples - m * m, 0.0)).transpose(1, 0, 2, 3)
+                std[:, [ks[b] for b in busy]] = sd
+            elif mc_samples > 0:
+                done += mc_samples
     return prob, std
 
 
@@ -440,32 +452,56 @@ class OarSegmenter:
                          f"{mgrid.spacing_mm[2]:.2f} mm, {mgrid.shape[2]}x{mgrid.shape[1]}x{mgrid.shape[0]})")
         prob, std = predict_probabilities(self.net, hu, self.config, n_mc, self.device,
                                           lambda f, t: report(progress, 0.9 * f, t), cancel)
+        from twinrt.autocontour.metrics import surface
+
         structures: list[Structure] = []
         missing: list[str] = []
-        unc: Optional[np.ndarray] = np.zeros(grid.shape, np.float32) if std is not None else None
         organ_unc: dict[str, float] = {}
-        for idx in wanted:
+        unc_model = np.zeros(mgrid.shape, np.float32) if std is not None else None
+        for n, idx in enumerate(wanted):
             organ = self.config.organs[idx]
-            report(progress, 0.9 + 0.1 * idx / len(self.config.organs), f"post-processing {organ}", cancel)
-            p = prob[idx] if mgrid is grid else resample_array(prob[idx], mgrid, grid, order=1)
-            mask = p >= self.config.predict.threshold
-            if self.config.predict.largest_component:
-                mask = largest_component(mask)
             name = TG263_NAMES.get(organ, organ)
+            report(progress, 0.9 + 0.09 * n / len(wanted), f"post-processing {name}", cancel)
+            # Threshold and largest component on the model grid, then map back only the organ's box.
+            mask_m = prob[idx] >= self.config.predict.threshold
+            if self.config.predict.largest_component:
+                mask_m = largest_component(mask_m)
+            mask = mask_m if mgrid is grid else self._to_ct_grid(prob[idx], mask_m, mgrid, grid)
             if not mask.any():
                 missing.append(name)
                 continue
             structures.append(Structure(name, mask, grid, ORGAN_COLORS.get(organ, (255, 0, 0)), StructureType.ORGAN))
-            if std is not None and unc is not None:
-                s = std[idx] if mgrid is grid else resample_array(std[idx], mgrid, grid, order=1)
-                np.maximum(unc, s, out=unc)
-                from twinrt.autocontour.metrics import surface
-
-                edge = surface(mask)
-                organ_unc[name] = float(s[edge].mean()) if edge.any() else 0.0
+            if std is not None and unc_model is not None:
+                np.maximum(unc_model, std[idx], out=unc_model)
+                edge = surface(mask_m) if mask_m.any() else surface(mask)
+                organ_unc[name] = float(std[idx][edge].mean()) if mask_m.any() and edge.any() else 0.0
+        unc = None
+        if unc_model is not None:
+            report(progress, 0.99, "uncertainty map", cancel)
+            unc = unc_model if mgrid is grid else resample_array(unc_model, mgrid, grid, order=1)
         report(progress, 1.0, "done", cancel)
         return OarResult(structures, Image(unc, grid, "UNCERTAINTY") if unc is not None else None, organ_unc, missing,
                          self.model_id, self.sha256, self.version, time.perf_counter() - t0, n_mc, notes)
+
+    def _to_ct_grid(self, prob: np.ndarray, mask_m: np.ndarray, mgrid: Grid, grid: Grid) -> np.ndarray:
+        """An organ's mask on the CT grid: its probability resampled (trilinear) in the CT box around
+        the model-grid organ (2 voxels wider), thresholded, largest component."""
+        out = np.zeros(grid.shape, bool)
+        if not mask_m.any():
+            return out
+        kji = np.argwhere(mask_m)
+        lo = np.maximum(kji.min(axis=0) - 2, 0)
+        hi = np.minimum(kji.max(axis=0) + 2, np.array(mask_m.shape) - 1)
+        corners = np.array([[i, j, k] for i in (lo[2], hi[2]) for j in (lo[1], hi[1]) for k in (lo[0], hi[0])], float)
+        ijk = grid.lps_to_index(mgrid.index_to_lps(corners))
+        a = np.clip(np.floor(ijk.min(axis=0)).astype(int), 0, np.array(grid.shape[::-1]) - 1)
+        b = np.clip(np.ceil(ijk.max(axis=0)).astype(int) + 1, 1, np.array(grid.shape[::-1]))
+        sub = grid.subgrid(a[2], b[2], a[1], b[1], a[0], b[0])
+        m = resample_array(prob, mgrid, sub, order=1) >= self.config.predict.threshold
+        if self.config.predict.largest_component:
+            m = largest_component(m)
+        out[a[2]:b[2], a[1]:b[1], a[0]:b[0]] = m
+        return out
 
     def _organ_indices(self, organs: Optional[Sequence[str]]) -> list[int]:
         if organs is None:
