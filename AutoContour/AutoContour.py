@@ -614,15 +614,7 @@ class AutoContourLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode",
                                        scene.GenerateUniqueName(f"{inputVolume.GetName()} OAR uncertainty"))
         self._fillUncertaintyVolume(node, inputVolume, array, source, record)
-        study = mrmlio.studyItemOf(inputVolume)
-        if study:
-            sh = scene.GetSubjectHierarchyNode()
-            # Subject-hierarchy items are created by Qt plugins in Slicer, not headless: handle both.
-            item = sh.GetItemByDataNode(node)
-            if item:
-                sh.SetItemParent(item, study)
-            else:
-                sh.CreateItem(study, node)
+        mrmlio.placeInStudy(node, mrmlio.studyItemOf(inputVolume))
         return node
 
     def _fillUncertaintyVolume(self, node, inputVolume, array, source: str, record: dict) -> None:

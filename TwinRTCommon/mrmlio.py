@@ -464,16 +464,21 @@ def addSegmentationNode(scene, ct, name: str, source: str = "", createdBy: str =
     # Sets both the reference geometry string and the node reference to the CT (the contract).
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(ct)
     tagNode(segmentation, ROLE_STRUCTURES, source, createdBy)
-    sh = scene.GetSubjectHierarchyNode()
-    study = studyItemOf(ct)
-    if study:
-        # Subject-hierarchy items are created by Qt plugins in Slicer, not headless: handle both.
-        item = sh.GetItemByDataNode(segmentation)
-        if item:
-            sh.SetItemParent(item, study)
-        else:
-            sh.CreateItem(study, segmentation)
+    placeInStudy(segmentation, studyItemOf(ct))
     return segmentation
+
+
+def placeInStudy(node, study: int) -> None:
+    """Put ``node`` under the subject-hierarchy ``study`` item (nothing when ``study`` is 0)."""
+    if not study:
+        return
+    sh = node.GetScene().GetSubjectHierarchyNode()
+    # Subject-hierarchy items are created by Qt plugins in Slicer, not headless: handle both.
+    item = sh.GetItemByDataNode(node)
+    if item:
+        sh.SetItemParent(item, study)
+    else:
+        sh.CreateItem(study, node)
 
 
 def referenceVolumeId(segmentation) -> str:

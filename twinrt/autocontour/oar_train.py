@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import json
-import random
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -39,7 +38,6 @@ import twinrt
 from twinrt.autocontour.oar import (build_network, evaluate_openkbp, load_model, lr_flip_organs, save_model,
                                     score_openkbp_patient, summarise_scores, OarSegmenter)
 from twinrt.autocontour.oar_config import OarConfig
-from twinrt.errors import MissingInputError
 from twinrt.io_utils import write_text_atomic
 from twinrt.progress import CancelToken, ProgressCallback, report
 
@@ -214,26 +212,15 @@ def train(config: OarConfig, data_dir: str | Path | None, out_dir: str | Path,
     """
     import torch
 
-    from twinrt.data import openkbp_patients
-    from twinrt.dosepredict.train import OPENKBP_DATA, _device, _device_text, _monai_version, resolve_openkbp_root
+    from twinrt.dosepredict.train import OPENKBP_DATA, _device_text, _monai_version, openkbp_run
 
     say = log or (lambda s: None)
     t_start = time.perf_counter()
     config = config.validate()
     out = Path(out_dir)
-    root = resolve_openkbp_root(data_dir)
-    train_paths = openkbp_patients("train", root)[:max_patients]
-    val_paths = openkbp_patients("validation", root)[:max_patients]
-    if not train_paths or not val_paths:
-        raise MissingInputError(f"{root} has no pt_N.npz in train/ or validation/", root)
     tc = config.train
-    random.seed(tc.seed)
-    np.random.seed(tc.seed)
-    torch.manual_seed(tc.seed)
-    rng = np.random.default_rng(tc.seed)
-    if tc.num_threads:
-        torch.set_num_threads(tc.num_threads)
-    device = _device(config)  # type: ignore[arg-type]  (reads config.train.device only)
+    root, train_paths, val_paths, rng, device = openkbp_run(data_dir, max_patients, tc.seed, tc.num_threads,
+                                                            tc.device)
     dev = str(device)
     say(f"contour train {config.model_id}: {len(train_paths)} training, {len(val_paths)} validation patients, "
         f"organs {list(config.organs)}, device {_device_text(device)}")

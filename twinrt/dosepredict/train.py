@@ -176,10 +176,31 @@ def _monai_version() -> str:
     return str(monai.__version__)
 
 
-def _device(config: DosePredictConfig) -> Any:
+def openkbp_run(data_dir: str | Path | None, max_patients: Optional[int], seed: int, num_threads: int,
+                device: str) -> tuple[Path, list[Path], list[Path], np.random.Generator, Any]:
+    """What every OpenKBP training starts with: the data folder, the training and validation
+    patients (the first ``max_patients`` of each), seeded random generators (python, numpy, torch;
+    returns numpy's ``default_rng(seed)``), torch's thread count and the torch device."""
     import torch
 
-    want = config.train.device
+    from twinrt.data import openkbp_patients
+
+    root = resolve_openkbp_root(data_dir)
+    train_paths = openkbp_patients("train", root)[:max_patients]
+    val_paths = openkbp_patients("validation", root)[:max_patients]
+    if not train_paths or not val_paths:
+        raise MissingInputError(f"{root} has no pt_N.npz in train/ or validation/", root)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    return root, train_paths, val_paths, np.random.default_rng(seed), _device(device)
+
+
+def _device(want: str) -> Any:
+    import torch
+
     if want == "cuda" and not torch.cuda.is_available():
         raise MissingInputError("train.device is 'cuda' but torch sees no GPU; use 'auto' or 'cpu'")
     if want == "auto":
@@ -216,25 +237,14 @@ def train(config: DosePredictConfig, data_dir: str | Path | None, out_dir: str |
     from twinrt.dosepredict.model import build_network, count_parameters
     from twinrt.dosepredict.predict import DosePredictor
     from twinrt.dosepredict.weights import load_model, save_model, validate_entry
-    from twinrt.data import openkbp_patients
 
     say = log or (lambda s: None)
     t_start = time.perf_counter()
     config = config.validate()
     out = Path(out_dir)
-    root = resolve_openkbp_root(data_dir)
-    train_paths = openkbp_patients("train", root)[:max_patients]
-    val_paths = openkbp_patients("validation", root)[:max_patients]
-    if not train_paths or not val_paths:
-        raise MissingInputError(f"{root} has no pt_N.npz in train/ or validation/", root)
     tc = config.train
-    random.seed(tc.seed)
-    np.random.seed(tc.seed)
-    torch.manual_seed(tc.seed)
-    rng = np.random.default_rng(tc.seed)
-    if tc.num_threads:
-        torch.set_num_threads(tc.num_threads)
-    device = _device(config)
+    root, train_paths, val_paths, rng, device = openkbp_run(data_dir, max_patients, tc.seed, tc.num_threads,
+                                                            tc.device)
 
     say(f"dose-predict train {config.model_id}: {len(train_paths)} training, {len(val_paths)} validation patients, "
         f"grid {list(config.inputs.eval_shape)} (x{config.inputs.downsample} down), crop "
