@@ -446,6 +446,7 @@ class AutoContourLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         from AutoContourLib import worker
         from TwinRTCommon import mrmlio, process
         from twinrt.autocontour import check_ct, merge_actions
+        from twinrt.autocontour.oar import to_existing_names
         from twinrt.errors import InvalidInputError
         from twinrt.model import Image
         from twinrt.progress import report
@@ -486,8 +487,8 @@ class AutoContourLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         report(progress, 0.9, "Writing the contours into the scene", cancel)
 
         # An organ the user has under another spelling is that segment: kept, or replaced in place.
-        structures, networkNames = self._userNames(outputSegmentation, output["structures"])
         existing = self.segmentNames(outputSegmentation) if outputSegmentation is not None else []
+        structures, networkNames = to_existing_names(existing, output["structures"])
         actions = merge_actions(existing, [s.name for s in structures], replaceExisting)
         method = (f"Organ-at-risk network {output['model_id']} {output['version']} (MONAI 2.5D U-Net); "
                   f"MC-dropout samples {output['mc_samples']}")
@@ -560,39 +561,19 @@ class AutoContourLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         segments = segmentation.GetSegmentation()
         return [segments.GetNthSegment(i).GetName() for i in range(segments.GetNumberOfSegments())]
 
-    def _userNames(self, segmentation, structures) -> tuple[list, dict[str, str]]:
-        """The network's structures renamed to the user's spelling of the same organ, as
-        :func:`twinrt.autocontour.oar.contour_case` does; and new name -> network name."""
-        import dataclasses
-
-        from twinrt.autocontour.oar import TG263_NAMES
-        from twinrt.dosepredict.inputs import match_rois
-
-        existing = {}
-        if segmentation is not None:
-            existing, _unmatched = match_rois(self.segmentNames(segmentation))
-        openKbp = {tg263: organ for organ, tg263 in TG263_NAMES.items()}
-        renamed, networkNames = [], {}
-        for structure in structures:
-            name = existing.get(openKbp.get(structure.name, structure.name), structure.name)
-            renamed.append(dataclasses.replace(structure, name=name))
-            networkNames[name] = structure.name
-        return renamed, networkNames
-
     def _auditNetworkRun(self, inputVolume, output: dict, actions: dict) -> None:
         """The AI action, with the model and its weights' sha256, in the CT's study audit log (when it has a study)."""
         from TwinRTCommon import mrmlio
+        from twinrt.autocontour.oar import audit_entry
 
         study = mrmlio.studyItemOf(inputVolume)
         if not study:
             return
         scene = inputVolume.GetScene()
         log = mrmlio.studyAuditLog(study, scene)
-        log.ai_action(f"Organ-at-risk network contoured {', '.join(s.name for s in output['structures']) or 'nothing'} "
-                      "(research use only)",
-                      {"model": "autocontour-oar", "model_id": output["model_id"], "version": output["version"],
-                       "sha256": output["sha256"], "mc_samples": output["mc_samples"], "actions": actions,
-                       "missing": output["missing"], "seconds": round(float(output["seconds"]), 2)})
+        log.ai_action(*audit_entry(output["model_id"], output["version"], output["sha256"], output["mc_samples"],
+                                   [s.name for s in output["structures"]], actions, output["missing"],
+                                   output["seconds"]))
         mrmlio.setStudyAuditLog(study, log, scene)
 
     def _previousUncertainty(self, segmentation):
@@ -620,22 +601,13 @@ class AutoContourLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
     def _fillUncertaintyVolume(self, node, inputVolume, array, source: str, record: dict) -> None:
         """Voxels on the CT's grid, provenance and a 0..max window. Deliberately not a dose volume, and
         not a CT: its ``TwinRT.Role`` keeps it out of :func:`TwinRTCommon.mrmlio.findCtVolume`."""
-        import numpy as np
-
         from TwinRTCommon import mrmlio
 
-        node.CopyOrientation(inputVolume)
-        slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(array, dtype=np.float32))
-        if node.GetDisplayNode() is None:
-            node.CreateDefaultDisplayNodes()
-        mrmlio.tagNode(node, self.ROLE_UNCERTAINTY, source, self.createdBy)
-        node.SetAttribute(self.UNIT_ATTRIBUTE, self.UNCERTAINTY_UNIT)
+        mrmlio.fillScalarMap(node, array, self._grid(inputVolume), self.ROLE_UNCERTAINTY, source, self.createdBy,
+                             self.UNIT_ATTRIBUTE, self.UNCERTAINTY_UNIT)
         for name, value in record.items():
             node.SetAttribute(name, value)
         node.SetNodeReferenceID(self.REFERENCE_VOLUME_REFERENCE_ROLE, inputVolume.GetID())
-        display = node.GetDisplayNode()
-        display.AutoWindowLevelOff()
-        display.SetWindowLevelMinMax(0.0, max(float(array.max()) if array.size else 0.0, 1e-6))
 
     def contourClassical(self, inputVolume, outputSegmentation=None, groups=None, replaceExisting: bool = False) -> dict:
         """Body, lungs, bones and air cavities without any model (:mod:`twinrt.autocontour.classical`).

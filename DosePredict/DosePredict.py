@@ -671,19 +671,11 @@ class DosePredictLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
 
     def _addUncertaintyVolume(self, scene, std, studyItem: int, name: str, source: str):
         """A scalar volume of the per-voxel standard deviation (Gy); deliberately *not* tagged as a dose."""
-        import numpy as np
-
         from TwinRTCommon import mrmlio
 
         node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-        node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(std.grid.ijk_to_ras()))
-        slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(std.array, dtype=np.float32))
-        node.CreateDefaultDisplayNodes()
-        mrmlio.tagNode(node, self.ROLE_UNCERTAINTY, source, self.createdBy)
-        node.SetAttribute(self.UNIT_ATTRIBUTE, "Gy")
-        display = node.GetDisplayNode()
-        display.AutoWindowLevelOff()
-        display.SetWindowLevelMinMax(0.0, max(float(std.array.max()) if std.array.size else 0.0, 1e-6))
+        mrmlio.fillScalarMap(node, std.array, std.grid, self.ROLE_UNCERTAINTY, source, self.createdBy,
+                             self.UNIT_ATTRIBUTE, "Gy")
         scene.GetSubjectHierarchyNode().CreateItem(studyItem, node)
         return node
 

@@ -468,6 +468,22 @@ def addSegmentationNode(scene, ct, name: str, source: str = "", createdBy: str =
     return segmentation
 
 
+def fillScalarMap(node, array: np.ndarray, grid: Grid, role: str, source: str, createdBy: str,
+                  unitAttribute: str, unit: str) -> None:
+    """Fill a scalar volume with a map that is neither a CT nor a dose (e.g. an uncertainty map):
+    voxels on ``grid`` ((k, j, i), RAS geometry from the grid), provenance (``TwinRT.Role`` = ``role``
+    keeps it out of :func:`findCtVolume`), its unit, and a 0..max window."""
+    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(grid.ijk_to_ras()))
+    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(array, dtype=np.float32))
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    tagNode(node, role, source, createdBy)
+    node.SetAttribute(unitAttribute, unit)
+    display = node.GetDisplayNode()
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(0.0, max(float(np.max(array)) if np.size(array) else 0.0, 1e-6))
+
+
 def placeInStudy(node, study: int) -> None:
     """Put ``node`` under the subject-hierarchy ``study`` item (nothing when ``study`` is 0)."""
     if not study:

@@ -93,22 +93,19 @@ def slice_stack(win: np.ndarray, ks: Sequence[int], context: int) -> np.ndarray:
     return np.ascontiguousarray(out.transpose(1, 0, 2, 3, 4).reshape(len(ks), -1, *win.shape[2:]))
 
 
-def lr_flip_organs(labels: np.ndarray, organs: Sequence[str]) -> np.ndarray:
-    """Flip organ channels (axis 0) left-right (last axis) and swap paired organs (Right ↔ Left)."""
-    out = labels[..., ::-1]
+def lr_flip_order(organs: Sequence[str]) -> list[int]:
+    """Channel order after a left-right flip: channel c then holds organ ``order[c]`` (paired organs swapped)."""
     order = list(range(len(organs)))
     for a, b in LR_PAIRS:
         if a in organs and b in organs:
-            ia, ib = organs.index(a), organs.index(b)
+            ia, ib = list(organs).index(a), list(organs).index(b)
             order[ia], order[ib] = ib, ia
-    return np.ascontiguousarray(out[order])
+    return order
 
 
-def enable_mc_dropout(net: Any) -> int:
-    """Evaluation mode except the dropout layers (MC dropout); returns how many were switched on."""
-    from twinrt.dosepredict.model import enable_mc_dropout as _enable
-
-    return _enable(net)
+def lr_flip_organs(labels: np.ndarray, organs: Sequence[str]) -> np.ndarray:
+    """Flip organ channels (axis 0) left-right (last axis) and swap paired organs (Right ↔ Left)."""
+    return np.ascontiguousarray(labels[..., ::-1][lr_flip_order(organs)])
 
 
 def _pad_to(x: np.ndarray, divisor: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -169,6 +166,8 @@ def predict_probabilities(net: Any, ct_hu: np.ndarray, config: OarConfig, mc_sam
             # MC passes only on slices where some organ is possible: elsewhere the spread is ~0.
             busy = np.nonzero(p.reshape(len(ks), -1).max(axis=1) >= MC_MIN_PROBABILITY)[0]
             if mc_samples > 0 and len(busy):
+                from twinrt.dosepredict.model import enable_mc_dropout
+
                 enable_mc_dropout(net)
                 xb = x[torch.from_numpy(busy)]
                 s1 = np.zeros((len(busy),) + p.shape[1:], np.float32)
@@ -473,8 +472,8 @@ class OarSegmenter:
             structures.append(Structure(name, mask, grid, ORGAN_COLORS.get(organ, (255, 0, 0)), StructureType.ORGAN))
             if std is not None and unc_model is not None:
                 np.maximum(unc_model, std[idx], out=unc_model)
-                edge = surface(mask_m) if mask_m.any() else surface(mask)
-                organ_unc[name] = float(std[idx][edge].mean()) if mask_m.any() and edge.any() else 0.0
+                edge = surface(mask_m)  # a non-empty CT-grid mask comes from a non-empty model-grid one
+                organ_unc[name] = float(std[idx][edge].mean()) if edge.any() else 0.0
         unc = None
         if unc_model is not None:
             report(progress, 0.99, "uncertainty map", cancel)
@@ -518,15 +517,49 @@ class OarSegmenter:
         return out
 
 
+def to_existing_names(existing_names: Sequence[str], structures: Sequence[Structure]
+                      ) -> tuple[list[Structure], dict[str, str]]:
+    """The network's structures renamed to the patient's spelling of the same organ.
+
+    An organ the patient already has under another name (RightParotid, Parotid R, "L Parotid"...:
+    :func:`twinrt.dosepredict.inputs.match_rois`) is that structure, so merging keeps it, or replaces
+    it under the user's name, instead of adding a duplicate.
+
+    :return: ``(renamed structures, new name -> network (TG-263) name)``.
+    """
+    import dataclasses
+
+    from twinrt.dosepredict.inputs import match_rois
+
+    existing = match_rois(list(existing_names))[0] if existing_names else {}
+    openkbp = {v: k for k, v in TG263_NAMES.items()}
+    renamed, network_names = [], {}
+    for s in structures:
+        name = existing.get(openkbp.get(s.name, s.name), s.name)
+        renamed.append(dataclasses.replace(s, name=name))
+        network_names[name] = s.name
+    return renamed, network_names
+
+
+def audit_entry(model_id: str, version: str, sha256: str, mc_samples: int, found: Sequence[str],
+                actions: dict[str, str], missing: Sequence[str], seconds: float) -> tuple[str, dict[str, Any]]:
+    """The audit-log message and details of one network run (for ``AuditLog.ai_action``)."""
+    message = f"Organ-at-risk network contoured {', '.join(found) or 'nothing'} (research use only)"
+    return message, {"model": "autocontour-oar", "model_id": model_id, "version": version, "sha256": sha256,
+                     "mc_samples": int(mc_samples), "actions": dict(actions), "missing": list(missing),
+                     "seconds": round(float(seconds), 2)}
+
+
 def contour_case(case: Any, model: str | Path | None = None, organs: Optional[Sequence[str]] = None,
                  replace: bool = False, mc_samples: Optional[int] = None, segmenter: Optional[OarSegmenter] = None,
                  progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None
                  ) -> tuple[Any, OarResult, dict[str, str]]:
     """Organs at risk added to a case, the user's structures kept (research use only).
 
-    New organs are added; an organ whose name the case already has is kept as the user drew it
-    unless ``replace`` (:func:`~twinrt.autocontour.classical.merge_actions`). The AI action, with the
-    model id and weights sha256, goes to the case's audit log. The input case is not modified.
+    New organs are added; an organ the case already has, under any usual spelling
+    (:func:`to_existing_names`), is kept as the user drew it unless ``replace``
+    (:func:`~twinrt.autocontour.classical.merge_actions`). The AI action, with the model id and weights
+    sha256, goes to the case's audit log. The input case is not modified.
 
     :return: ``(new case, result, actions)``: actions maps each organ found to add/replace/keep.
     """
@@ -535,23 +568,14 @@ def contour_case(case: Any, model: str | Path | None = None, organs: Optional[Se
     from twinrt.audit import AuditLog
     from twinrt.autocontour.classical import merge_structures
 
-    from twinrt.dosepredict.inputs import match_rois
-
     seg = segmenter or OarSegmenter(model)
     result = seg.segment_ct(case.ct, organs, mc_samples, progress, cancel)
-    # An organ the case already has under another spelling (RightParotid, Parotid_R, "L Parotid"...)
-    # is that structure: it is kept, or replaced under the user's name.
-    existing, _ = match_rois([s.name for s in case.structures])
-    back = {v: k for k, v in TG263_NAMES.items()}
-    new = [dataclasses.replace(s, name=existing.get(back.get(s.name, s.name), s.name)) for s in result.structures]
+    new, _ = to_existing_names([s.name for s in case.structures], result.structures)
     structures, actions = merge_structures(case.structures, new, replace)
     out = dataclasses.replace(case, structures=structures, metadata=dict(case.metadata))
-    AuditLog.of_case(out).ai_action(
-        f"Organ-at-risk network contoured {', '.join(s.name for s in result.structures) or 'nothing'} "
-        "(research use only)",
-        {"model": "autocontour-oar", "model_id": result.model_id, "version": result.version, "sha256": result.sha256,
-         "mc_samples": result.mc_samples, "actions": actions, "missing": result.missing,
-         "seconds": round(result.seconds, 2)})
+    AuditLog.of_case(out).ai_action(*audit_entry(result.model_id, result.version, result.sha256, result.mc_samples,
+                                                 [s.name for s in result.structures], actions, result.missing,
+                                                 result.seconds))
     return out, result, actions
 
 
@@ -596,7 +620,8 @@ def score_openkbp_patient(masks: np.ndarray, reference: dict[str, np.ndarray], o
 
 
 def summarise_scores(per_patient: dict[str, dict[str, dict[str, float]]], organs: Sequence[str]) -> dict[str, Any]:
-    """Per-organ mean Dice and median-free mean HD95 over patients, and the mean over organs."""
+    """Per-organ mean Dice and mean HD95 (mm; organs the network missed left out) over patients, and the
+    mean Dice over organs."""
     dice_by: dict[str, float] = {}
     hd_by: dict[str, float] = {}
     n_by: dict[str, int] = {}
@@ -667,6 +692,7 @@ def evaluate_openkbp(folder: str | Path, model: str | Path | None = None, limit:
 
 
 __all__ = ["TG263_NAMES", "ORGAN_COLORS", "DEFAULT_MODEL_ID", "build_network", "windowed", "slice_stack",
-           "lr_flip_organs", "predict_probabilities", "postprocess", "largest_component", "save_model", "load_model",
+           "lr_flip_order", "lr_flip_organs", "predict_probabilities", "postprocess", "largest_component", "save_model", "load_model",
            "list_models", "resolve_model", "OarSegmenter", "OarResult", "model_grid_for", "is_model_like",
-           "score_openkbp_patient", "summarise_scores", "evaluate_openkbp", "contour_case", "write_tiny_model"]
+           "score_openkbp_patient", "summarise_scores", "evaluate_openkbp", "to_existing_names", "audit_entry", "contour_case",
+           "write_tiny_model"]

@@ -35,7 +35,8 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 import twinrt
-from twinrt.autocontour.oar import (build_network, evaluate_openkbp, load_model, lr_flip_organs, save_model,
+from twinrt.autocontour.oar import (build_network, evaluate_openkbp, load_model, lr_flip_order, lr_flip_organs,
+                                    save_model,
                                     score_openkbp_patient, summarise_scores, OarSegmenter)
 from twinrt.autocontour.oar_config import OarConfig
 from twinrt.io_utils import write_text_atomic
@@ -115,9 +116,8 @@ def make_batch(cache: _Cache, pairs: Sequence[tuple[int, int]], config: OarConfi
                 hu = hu + float(rng.uniform(-aug.hu_jitter, aug.hu_jitter))
             if rng.random() < aug.lr_flip_prob:
                 hu = np.ascontiguousarray(hu[..., ::-1])
-                y = lr_flip_organs(y, list(config.organs))
-                order = [list(config.organs).index(o) for o in _flipped_names(config)]
-                w = w[order]
+                y = lr_flip_organs(y, config.organs)
+                w = w[lr_flip_order(config.organs)]
             s = aug.shift_voxels
             if s > 0:
                 dj, di = (int(v) for v in rng.integers(-s, s + 1, size=2))
@@ -148,18 +148,6 @@ def _crop(hu: np.ndarray, y: np.ndarray, size: int, rng: np.random.Generator) ->
     j0 = min(max(j0, -pad), nj + pad - size) + pad
     i0 = min(max(i0, -pad), ni + pad - size) + pad
     return hu_p[:, j0:j0 + size, i0:i0 + size], y_p[:, j0:j0 + size, i0:i0 + size]
-
-
-def _flipped_names(config: OarConfig) -> list[str]:
-    """Organ names after a left-right flip (channel c now holds the organ named here)."""
-    from twinrt.autocontour.oar_config import LR_PAIRS
-
-    names = list(config.organs)
-    for a, b in LR_PAIRS:
-        if a in names and b in names:
-            ia, ib = names.index(a), names.index(b)
-            names[ia], names[ib] = names[ib], names[ia]
-    return names
 
 
 def seg_loss(logits: Any, target: Any, present: Any, dice_weight: float) -> Any:
