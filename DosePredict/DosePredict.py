@@ -684,6 +684,8 @@ class DosePredictLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         """Make ``target`` hold ``source``'s voxels, geometry, attributes and display; move it under the study."""
         import vtk
 
+        from TwinRTCommon import mrmlio
+
         matrix = vtk.vtkMatrix4x4()
         source.GetIJKToRASMatrix(matrix)
         target.SetIJKToRASMatrix(matrix)
@@ -701,12 +703,7 @@ class DosePredictLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         toDisplay.SetLowerThreshold(fromDisplay.GetLowerThreshold())
         toDisplay.SetUpperThreshold(fromDisplay.GetUpperThreshold())
         toDisplay.SetApplyThreshold(fromDisplay.GetApplyThreshold())
-        sh = target.GetScene().GetSubjectHierarchyNode()
-        item = sh.GetItemByDataNode(target)
-        if item:
-            sh.SetItemParent(item, studyItem)
-        else:
-            sh.CreateItem(studyItem, target)
+        mrmlio.placeInStudy(target, studyItem)
 
     @staticmethod
     def _removeVolume(node) -> None:

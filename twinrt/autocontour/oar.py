@@ -652,11 +652,7 @@ def evaluate_openkbp(folder: str | Path, model: str | Path | None = None, limit:
     from twinrt.dosepredict.inputs import load_openkbp_arrays
 
     say = log or (lambda s: None)
-    files = openkbp_files(folder)
-    if limit is not None:
-        if limit < 1:
-            raise InvalidInputError(f"--limit must be >= 1, got {limit}")
-        files = files[:limit]
+    files = openkbp_files(folder, limit)
     seg = segmenter or OarSegmenter(model)
     organs = seg.organs
     say(f"model {seg.model_id} {seg.version} (sha256 {seg.sha256}), {len(files)} patient(s), "

@@ -21,10 +21,11 @@ from twinrt.errors import InvalidInputError, MissingInputError
 from twinrt.progress import CancelToken, ProgressCallback, report
 
 
-def openkbp_files(folder: str | Path) -> list[Path]:
-    """The ``pt_N.npz`` files of a folder, by patient number.
+def openkbp_files(folder: str | Path, limit: Optional[int] = None) -> list[Path]:
+    """The ``pt_N.npz`` files of a folder, by patient number (the first ``limit`` when given).
 
     :raises MissingInputError: the folder does not exist or holds no ``pt_*.npz``.
+    :raises InvalidInputError: ``limit`` < 1.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -34,6 +35,10 @@ def openkbp_files(folder: str | Path) -> list[Path]:
     if not files:
         raise MissingInputError(f"{folder} holds no pt_N.npz files; pass a folder of OpenKBP patients "
                                 "(e.g. ../shared/data/openkbp/validation)", folder)
+    if limit is not None:
+        if limit < 1:
+            raise InvalidInputError(f"--limit must be >= 1, got {limit}")
+        files = files[:limit]
     return files
 
 
@@ -55,11 +60,7 @@ def evaluate_openkbp(folder: str | Path, model: str | Path | None = None, limit:
     from twinrt.dosepredict.predict import DosePredictor
 
     say = log or (lambda s: None)
-    files = openkbp_files(folder)
-    if limit is not None:
-        if limit < 1:
-            raise InvalidInputError(f"--limit must be >= 1, got {limit}")
-        files = files[:limit]
+    files = openkbp_files(folder, limit)
     predictor = DosePredictor(model)
     n_mc = predictor.config.predict.mc_samples if mc_samples is None else int(mc_samples)
     say(f"model {predictor.model_id} {predictor.version} (sha256 {predictor.sha256}), {len(files)} patient(s), "
