@@ -65,3 +65,67 @@ def test_alpha_beta_map_precedence():
     ab = alpha_beta_map(grid.shape, structures)
     # outside: late default; cord: 2; cord ∩ parotid: the smaller (2); parotid ∩ target: tumour
     assert ab[0, 0].tolist() == [3.0, 2.0, 2.0, 10.0, 3.0]
+
+
+# ------------------------------------------------------------------------------------------ LKB, gEUD, TCP
+from twinrt.radiobiology import (LKB_PARAMETERS, geud, lkb_ntcp, lkb_ntcp_from_voxels,  # noqa: E402
+                                 lkb_parameter_set_for, poisson_tcp)
+
+
+def test_geud_limits():
+    d = np.array([10.0, 20.0, 30.0, 60.0])
+    v = np.array([0.4, 0.3, 0.2, 0.1])
+    assert geud(d, v, 1.0) == pytest.approx(float((d * v).sum()))          # n = 1: mean dose
+    assert geud(d, 10 * v, 1.0) == pytest.approx(float((d * v).sum()))     # volumes are normalised
+    assert geud(d, v, 1e-3) == pytest.approx(60.0, rel=1e-2)                # n → 0: max dose
+    assert geud(d, v, 1e-3) <= 60.0
+    assert geud(np.full(5, 42.0), np.ones(5), 0.05) == pytest.approx(42.0)  # uniform dose
+    # gEUD grows as n falls (more serial) for a non-uniform dose
+    assert geud(d, v, 0.1) > geud(d, v, 0.5) > geud(d, v, 1.0)
+
+
+def test_lkb_ntcp_values():
+    assert lkb_ntcp(66.5, 66.5, 0.175) == pytest.approx(0.5)
+    # one m·TD50 above TD50: Φ(1)
+    assert lkb_ntcp(66.5 * 1.175, 66.5, 0.175) == pytest.approx(0.8413447, abs=1e-6)
+    assert np.all(np.diff(lkb_ntcp(np.linspace(0, 100, 11), 50.0, 0.2)) > 0)
+    p = LKB_PARAMETERS["parotid_flow25_dijkema2010"]
+    assert lkb_ntcp_from_voxels(np.full(100, 39.9), p) == pytest.approx(0.5)
+    assert lkb_ntcp_from_voxels(np.full(100, 39.9), "parotid_flow25_dijkema2010") == pytest.approx(0.5)
+
+
+def test_poisson_tcp_decreases_with_clonogens_and_dose():
+    assert poisson_tcp(0.0) == 1.0 and poisson_tcp(np.log(2)) == pytest.approx(0.5)
+    assert poisson_tcp(np.inf) == 0.0
+    # N = N0 exp(-α D - β d D) falls with dose, so TCP rises with dose
+    dose = np.linspace(40, 80, 9)
+    n = 1e9 * np.exp(-0.3 * dose - 0.03 * 2.0 * dose)
+    assert np.all(np.diff(poisson_tcp(n)) > 0)
+
+
+def test_lkb_table_and_organ_mapping():
+    for name, p in LKB_PARAMETERS.items():
+        assert p.n > 0 and p.m > 0 and p.td50_gy > 0, name
+        assert p.source and p.endpoint and p.verification, name
+    assert LKB_PARAMETERS["spinal_cord_myelitis_burman1991"].td50_gy == 66.5
+    assert lkb_parameter_set_for("SpinalCord") == "spinal_cord_myelitis_burman1991"
+    assert lkb_parameter_set_for("Brainstem") == "brainstem_necrosis_burman1991"
+    assert lkb_parameter_set_for("Parotid_R") == lkb_parameter_set_for("LeftParotid") == "parotid_flow25_dijkema2010"
+    assert lkb_parameter_set_for("Larynx").startswith("larynx")
+    assert lkb_parameter_set_for("Esophagus") == "esophagus_stricture_burman1991"
+    assert lkb_parameter_set_for("Bone_Mandible") == lkb_parameter_set_for("Mandible") == "mandible_tmj_burman1991"
+
+
+def test_lkb_bad_input_is_refused():
+    with pytest.raises(InvalidInputError, match="No LKB parameter set"):
+        lkb_parameter_set_for("Femur_L")
+    with pytest.raises(InvalidInputError, match="Unknown LKB"):
+        lkb_ntcp_from_voxels(np.ones(3), "nonsense")
+    with pytest.raises(InvalidInputError, match="n must be"):
+        geud([1.0], [1.0], 0.0)
+    with pytest.raises(InvalidInputError, match="one volume per"):
+        geud([1.0, 2.0], [1.0], 1.0)
+    with pytest.raises(InvalidInputError, match="TD50"):
+        lkb_ntcp(10.0, 0.0, 0.1)
+    with pytest.raises(InvalidInputError, match="clonogens"):
+        poisson_tcp(-1.0)
