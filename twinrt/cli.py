@@ -8,6 +8,7 @@
 ``twinrt validate DIR``    check every DICOM file in a folder with dciodvfy
 ``twinrt make-sample``     (developers) rebuild the bundled sample from ../shared/data
 ``twinrt dose-predict``    dose prediction: ``train``, ``evaluate-openkbp``, ``predict``, ``register``, ``models``
+``twinrt twin``            digital twin: ``simulate``, ``run``, ``evaluate``, ``similar`` (:mod:`twinrt.twin.cli`)
 
 Errors of bad input print one line starting with ``error:`` and exit with status 2.
 """
@@ -499,6 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     oo.add_argument("--mc-samples", type=int, default=None, help="MC-dropout passes (default the model's)")
     oo.add_argument("--replace", action="store_true", help="replace the patient's structure of the same organ")
     cts.add_parser("models", help="list the installed organ-segmentation models")
+    from twinrt.twin.cli import add_twin_parser
+
+    add_twin_parser(sub)
     return p
 
 
@@ -530,6 +534,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.contour_command.startswith("sam"):
                 return _cmd_contour_sam(args)
             return _cmd_contour_oar(args)
+        if args.command == "twin":
+            from twinrt.twin.cli import run_twin_command
+
+            return run_twin_command(args, _print_progress)
     except TwinRTError as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 2

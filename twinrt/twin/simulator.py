@@ -104,7 +104,8 @@ class CourseSettings:
     :param deformation_mm: RMS (mm) of the daily smooth soft-tissue deformation.
     :param deformation_length_mm: its correlation length (Gaussian σ, mm).
     :param image_noise_hu: σ of the image noise (HU).
-    :param observation_sd: σ of the log-normal contouring noise on the tumour volume.
+    :param observation_sd: σ of the log-normal contouring noise on the tumour volume (the twin's
+        calibration assumes :data:`twinrt.twin.response.DEFAULT_SIGMA_OBS`, also 0.08).
     :param response: true tumour-response parameters (:class:`twinrt.twin.response.ResponseParameters`),
         ``None`` for the population median.
     :param seed: random seed; the same settings give the same course.
@@ -119,7 +120,7 @@ class CourseSettings:
     deformation_mm: float = 1.0
     deformation_length_mm: float = 25.0
     image_noise_hu: float = 10.0
-    observation_sd: float = 0.05
+    observation_sd: float = 0.08
     response: Any = None
     seed: int = 0
 

@@ -318,7 +318,7 @@ class DigitalTwin:
         planned_dates = treatment_dates(self.timeline.start_date, self.n_fractions)
         dates = delivered_dates + planned_dates[len(delivered_dates):]
         days = np.array([(parse_date(d) - start).days for d in dates], dtype=float)
-        return response.Schedule(days, np.full(len(days), self.tumour_dose_per_fraction_gy()))
+        return response.Schedule(days, np.full(len(days), self.tumour_dose_per_fraction_gy()), days)
 
     def tumour_dose_per_fraction_gy(self) -> float:
         """The prescribed dose per fraction of the highest-dose target (Gy), else the tumour's planned mean / N."""
@@ -344,16 +344,14 @@ class DigitalTwin:
         if self.posterior is None and self.calibrate_response() is None:
             raise InvalidInputError("Too few tumour observations to predict (need the planning volume and two "
                                     "fractions with the tumour contoured)")
-        sched = self.schedule()
-        days = np.arange(0.0, float(sched.days[-1]) + 1.0)
-        return self.posterior.predict(sched, days, level=level)
+        return self.posterior.predict(self.schedule(), level=level)
 
     def compare_regimens(self, organs: Optional[Sequence[str]] = None, seed: int = 0) -> Any:
         """Regimens keep / boost / de-escalate for the remaining fractions: TCP versus LKB NTCP per organ.
 
         :param organs: organs at risk to score (default: those with an LKB parameter set).
         """
-        from twinrt.radiobiology import lkb_parameters_for
+        from twinrt.radiobiology import lkb_parameter_set_for
         from twinrt.twin import response
 
         if self.posterior is None and self.calibrate_response() is None:
@@ -362,18 +360,19 @@ class DigitalTwin:
         if self.delivered >= self.n_fractions:
             raise InvalidInputError("The course is complete: no remaining fractions to compare regimens for")
         sched = self.schedule()
-        today = float(sched.days[self.delivered - 1]) if self.delivered else 0.0
+        # The fractions given so far are those before "today" (half a day after the last one given).
+        today = float(sched.fraction_days[self.delivered - 1]) + 0.5 if self.delivered else 0.0
         last = self.timeline.records[-1].warped_dose_gy if self.timeline.records else self.planned_gy / self.n_fractions
         oars = []
         for s in self.timeline.planning.structures:
             if s.type.value != "ORGAN" or s.is_empty or (organs is not None and s.name not in organs):
                 continue
-            params = lkb_parameters_for(s.name)
-            if params is None:
-                continue
+            try:
+                lkb_parameter_set_for(s.name)
+            except InvalidInputError:
+                continue  # no LKB parameter set for this organ
             m = s.on_grid(self.grid)
-            oars.append(response.OarDoses(s.name, self.bed_gy[m].astype(np.float64), last[m].astype(np.float64),
-                                          float(np.median(self.alpha_beta[m])), params))
+            oars.append(response.OarDoses(s.name, self.bed_gy[m], last[m], float(np.median(self.alpha_beta[m]))))
         regimens = response.standard_regimens(sched, today)
         return response.compare_regimens(self.posterior, regimens, today, oars=oars, seed=seed)
 
