@@ -1,5 +1,6 @@
-"""Helpers of the DigitalTwin module (filled by issue 7).
+"""Helpers of the DigitalTwin module (issue 7).
 
 The MRML <-> numpy adapter every module shares lives in ``TwinRTCommon.mrmlio``; what is specific
-to DigitalTwin (its worker process and model handling, STYLE.md section 6) goes here.
+to DigitalTwin lives here: :mod:`DigitalTwinLib.twinScene` writes the twin's outputs (fraction
+sequences and their browser, planned versus delivered and tumour tables and charts, the regimen table).
 """

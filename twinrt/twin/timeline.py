@@ -92,6 +92,8 @@ class FractionRecord:
     :param tumour_volume_cc: the tumour volume on the day's image (cc), ``None`` without a tumour contour.
     :param warped_dose_gy: the fraction's dose on the planning grid (Gy, (k, j, i) float32).
     :param seconds: time the update took (s).
+    :param goals: per goal (``"<structure> <metric> <comparator> <limit>"``): the planned-to-date,
+        delivered and projected end-of-course values when the fraction was taken (Gy, % or cc).
     """
 
     number: int
@@ -101,11 +103,12 @@ class FractionRecord:
     tumour_volume_cc: Optional[float]
     warped_dose_gy: np.ndarray
     seconds: float = 0.0
+    goals: dict[str, dict[str, Optional[float]]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready summary (no arrays)."""
         return {"number": self.number, "date": self.date, "registration": self.registration, "dice": self.dice,
-                "tumour_volume_cc": self.tumour_volume_cc, "seconds": round(self.seconds, 3)}
+                "tumour_volume_cc": self.tumour_volume_cc, "seconds": round(self.seconds, 3), "goals": self.goals}
 
 
 # ------------------------------------------------------------------------------------------- arrays
@@ -278,7 +281,8 @@ class CaseTimeline:
                                              dict(fm.get("metadata", {}))))
                 r = fm["record"]
                 tl.records.append(FractionRecord(r["number"], r["date"], r["registration"], r["dice"],
-                                                 r["tumour_volume_cc"], z["warped_dose_gy"], r.get("seconds", 0.0)))
+                                                 r["tumour_volume_cc"], z["warped_dose_gy"], r.get("seconds", 0.0),
+                                                 dict(r.get("goals", {}))))
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, InvalidInputError):
                 raise

@@ -265,8 +265,7 @@ class DigitalTwin:
         record.seconds = time.perf_counter() - t0
         record.registration["seconds_update"] = round(record.seconds, 3)
         update = FractionUpdate(record, goals, warnings, response_summary)
-        record_metrics = {g["goal"]: {k: g[k] for k in ("planned_to_date", "delivered", "projected")} for g in goals}
-        record.registration["goals"] = record_metrics
+        record.goals = {g["goal"]: {k: g[k] for k in ("planned_to_date", "delivered", "projected")} for g in goals}
         self.last_update = update
         report(progress, 1.0, f"Fraction {fraction.number} done")
         return update
