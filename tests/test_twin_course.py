@@ -303,3 +303,47 @@ def test_registration_object_pull_back_identity():
     arr = np.random.default_rng(2).random(grid.shape).astype(np.float32)
     reg = Registration(grid, np.eye(4))
     assert np.allclose(reg.pull_back(arr, grid), arr, atol=1e-6)
+
+
+def test_cli_simulate_then_run(course, tmp_path, capsys):
+    """``twinrt twin simulate`` writes a DICOM course; ``twinrt twin run`` takes it and writes its outputs."""
+    from twinrt.cli import main
+    from twinrt.dicom.folder import export_case
+    from twinrt.dicom.rtdose import read_rtdose
+
+    patient = tmp_path / "patient"
+    export_case(course["case"], patient)
+    assert main(["twin", "simulate", str(patient), "--out", str(tmp_path / "course"), "--fractions", "3",
+                 "--upto", "2", "--seed", "1"]) == 0
+    truth = json.loads((tmp_path / "course" / "simulation_truth.json").read_text())
+    assert truth["n_fractions"] == 3 and len(truth["observed_tumour_cc"]) == 2
+    assert main(["twin", "run", str(tmp_path / "course"), "--out", str(tmp_path / "twin")]) == 0
+    out = capsys.readouterr().out
+    assert "2 of 3 fractions taken" in out
+    summary = json.loads((tmp_path / "twin" / "summary.json").read_text())
+    assert summary["delivered"] == 2 and summary["research_use_only"] is True
+    assert {r["regimen"] for r in summary["regimens"]} == {"keep", "boost", "de-escalate"}
+    acc = read_rtdose(tmp_path / "twin" / "RTDOSE_accumulated.dcm")
+    # Two of three fractions: about two thirds of the planned dose.
+    planned = course["case"].doses["reference"].max_gy
+    assert 0.5 * planned < acc.max_gy < 0.85 * planned
+    assert CaseTimeline.load(tmp_path / "twin" / "timeline").delivered == 2
+    # A course folder without a plan is refused with a typed error (exit 2).
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["twin", "run", str(empty), "--out", str(tmp_path / "twin2")]) == 2
+    assert not (tmp_path / "twin2").exists()
+
+
+def test_dvh_comparison_planned_delivered_projected(course):
+    twin = course["twin"]
+    dvhs = twin.dvh_comparison(["PTV70", "SpinalCord"])
+    assert set(dvhs) == {"PTV70", "SpinalCord"}
+    ptv = dvhs["PTV70"]
+    # After 2 of 4 fractions: the planned-to-date mean is half the plan's; delivered is close to it.
+    from twinrt.dvh import structure_dvh
+
+    plan_mean = structure_dvh(course["case"].doses["reference"], course["case"].structure("PTV70")).mean_gy
+    assert ptv["planned_to_date"].mean_gy == pytest.approx(plan_mean / 2, rel=0.01)
+    assert ptv["delivered"].mean_gy == pytest.approx(ptv["planned_to_date"].mean_gy, rel=0.1)
+    assert ptv["projected"].mean_gy > 1.8 * ptv["delivered"].mean_gy

@@ -194,10 +194,12 @@ class CourseSimulator:
         start = parse_date(self.dates[0])
         self.days = np.array([(parse_date(d) - start).days for d in self.dates], dtype=float)
         dose = case.doses[planned_dose]
-        if not case.plans and case.prescriptions and any(p.fractions != settings.n_fractions for p in case.prescriptions):
-            # The planned dose is delivered in this course's number of fractions.
-            case.metadata["prescriptions"] = [Prescription(p.target, p.dose_gy, settings.n_fractions)
-                                              for p in case.prescriptions]
+        if case.prescriptions and any(p.fractions != settings.n_fractions for p in case.prescriptions):
+            # The planned dose is delivered in this course's number of fractions (same total dose).
+            restated = [Prescription(p.target, p.dose_gy, settings.n_fractions) for p in case.prescriptions]
+            case.metadata["prescriptions"] = restated
+            for plan in case.plans:
+                plan.prescriptions = list(restated)
         self.fraction_dose = Dose(dose.array / settings.n_fractions, dose.grid, "delivered", summation="FRACTION",
                                   source=f"simulated: planned dose '{planned_dose}' / {settings.n_fractions}")
         rx = max((p.dose_gy for p in case.prescriptions), default=float(np.percentile(dose.array[dose.array > 0], 99)))

@@ -14,7 +14,8 @@ fraction (:meth:`DigitalTwin.add_fraction`):
 4. **accumulation** on the planning grid: physical dose ``Σ d_f``, BED ``Σ d_f (1 + d_f/(α/β))`` with
    a per-voxel α/β (:func:`twinrt.radiobiology.alpha_beta_map`: tumour 10 Gy, late-responding organs
    3 Gy, spinal cord and brainstem 2 Gy, cited there) and EQD2 ``BED / (1 + 2/(α/β))``;
-5. **planned versus delivered**: every goal of the goal set evaluated on the planned dose to date
+5. **planned versus delivered**: DVHs (:meth:`DigitalTwin.dvh_comparison`) and every goal of the goal set
+   evaluated on the planned dose to date
    (``planned × f / N``), the delivered dose so far and the **projected end-of-course dose**
    (delivered so far + the remaining fractions as today's mapped fraction dose: today's anatomy is
    assumed to persist); a projected goal failure that the plan met gives a warning;
@@ -291,6 +292,25 @@ class DigitalTwin:
                                 f"{rj.value:.2f} {g.unit} (plan {rp.value:.2f}) against {g.comparator} {g.value:g} "
                                 f"{g.unit} ({g.priority})")
         return rows, warnings
+
+    def dvh_comparison(self, structures: Optional[Sequence[str]] = None, bin_width_gy: float = 0.1
+                       ) -> dict[str, dict[str, Any]]:
+        """Cumulative DVHs of the planned dose to date, the delivered dose and the projected end of course.
+
+        :param structures: structure names (default: every non-empty structure of the planning case).
+        :return: name → ``{"planned_to_date": DVH, "delivered": DVH, "projected": DVH}``
+            (:class:`twinrt.dvh.DVH`, Gy and cc).
+        """
+        from twinrt.dvh import structure_dvh
+
+        doses = {"planned_to_date": self.planned_to_date(), "delivered": self.accumulated_dose(),
+                 "projected": self.projected_dose()}
+        out: dict[str, dict[str, Any]] = {}
+        for s in self.timeline.planning.structures:
+            if s.is_empty or (structures is not None and s.name not in structures):
+                continue
+            out[s.name] = {k: structure_dvh(d, s, bin_width_gy=bin_width_gy) for k, d in doses.items()}
+        return out
 
     # ------------------------------------------------------------------------------ response
     def tumour_observations(self) -> tuple[np.ndarray, np.ndarray]:
