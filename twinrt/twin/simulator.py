@@ -14,6 +14,9 @@ anatomy moves by a known map ``φ_f`` from planning positions ``x`` to the day's
    (the integral of the map's Jacobian over the planning tumour) equals the response model's volume
    at that day times log-normal contouring noise (:attr:`CourseSettings.observation_sd`), divided
    by the in-plane weight-loss factor;
+   Optionally (``organ_changes``) organs contract likewise about their own centroids (scale
+   ``ratio^(1/3)`` at the centre, radius 1.5 × the organ's equivalent radius) and their CT numbers
+   shift, to simulate organ response;
 2. **weight loss**: in-plane contraction towards the body's centroid by ``w_f = w_end · t_f / t_N``
    (``w_end`` = :attr:`CourseSettings.weight_loss_end`, a fraction of the radius: 0.04 ≈ 3–5 mm at
    the skin of a neck);
@@ -40,7 +43,7 @@ from __future__ import annotations
 
 import datetime as _dt
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
@@ -174,9 +177,13 @@ class CourseSimulator:
         :attr:`CourseSettings.n_fractions` fractions (same total dose). The case is changed in place.
     :param planned_dose: key of the planned whole-course dose in ``case.doses``.
     :param settings: :class:`CourseSettings`.
+    :param organ_changes: optional ``f ↦ {organ: (volume ratio, HU shift)}``: organ ``organ`` on day ``f``
+        contracts radially about its centroid to about that share of its planning volume and its CT
+        numbers shift by that many HU (used by :mod:`twinrt.toxicity.cohort` for organ response).
     """
 
-    def __init__(self, case: Case, planned_dose: str = "reference", settings: CourseSettings = CourseSettings()):
+    def __init__(self, case: Case, planned_dose: str = "reference", settings: CourseSettings = CourseSettings(),
+                 organ_changes: Optional[Callable[[int], Mapping[str, tuple[float, float]]]] = None):
         from scipy import ndimage
 
         from twinrt.twin import response
@@ -188,6 +195,7 @@ class CourseSimulator:
         self.case = case
         self.planned_dose = planned_dose
         self.settings = settings
+        self.organ_changes = organ_changes
         self.grid = case.ct.grid
         self.tumour = ensure_tumour(case)
         self.dates = treatment_dates(settings.start_date, settings.n_fractions)
@@ -254,11 +262,17 @@ class CourseSimulator:
         w = s.weight_loss_end * t
         ratio = self.observed_volumes_cc[f - 1] / self.v0_cc / (1 - w) ** 2
         scale = self._tumour_scale(ratio)
+        truth: dict[str, Any] = {}
         x = self.points
         d = x - self.tumour_centre
         r2 = (d * d).sum(-1, keepdims=True)
         g = 1 - (1 - scale) * np.exp(-r2 / (1.5 * self.tumour_radius) ** 2)
         y = self.tumour_centre + d * g
+        changes = dict(self.organ_changes(f)) if self.organ_changes is not None else {}
+        truth["organ_changes"] = {k: [float(a), float(b)] for k, (a, b) in changes.items()}
+        for name, (volume_ratio, _) in changes.items():
+            if volume_ratio != 1.0:
+                y = self._organ_shrink(y, name, volume_ratio)
         y[..., :2] = self.body_centre[:2] + (y[..., :2] - self.body_centre[:2]) * (1 - w)
         if s.deformation_mm > 0:
             sigma = [s.deformation_length_mm / sp for sp in self.grid.spacing_mm[::-1]]
@@ -269,10 +283,24 @@ class CourseSimulator:
         rot = _rotation(np.radians(rng.normal(0.0, s.rotation_sd_deg, 3)))
         shift = self.systematic_mm + rng.normal(0.0, s.setup_random_mm, 3)
         y = (y - self.isocentre) @ rot.T.astype(np.float32) + self.isocentre + shift
-        truth = {"translation_mm": [float(v) for v in shift],
-                 "rotation_deg": float(np.degrees(np.arccos(np.clip((np.trace(rot) - 1) / 2, -1, 1)))),
-                 "weight_loss": float(w), "tumour_scale": scale}
+        truth.update({"translation_mm": [float(v) for v in shift],
+                      "rotation_deg": float(np.degrees(np.arccos(np.clip((np.trace(rot) - 1) / 2, -1, 1)))),
+                      "weight_loss": float(w), "tumour_scale": scale})
         return y.astype(np.float32), truth
+
+    def _organ_shrink(self, y: np.ndarray, name: str, volume_ratio: float) -> np.ndarray:
+        """Radial contraction of organ ``name`` about its centroid to about ``volume_ratio`` of its volume."""
+        organ = self.case.structure(name)
+        if organ.is_empty:
+            return y
+        if not 0.3 < volume_ratio <= 1.5:
+            raise InvalidInputError(f"Organ volume ratio {volume_ratio:.3f} for '{name}' is outside 0.3-1.5")
+        centre = self.points[organ.mask].mean(axis=0)
+        radius = (3 * organ.volume_cc * 1000 / (4 * np.pi)) ** (1 / 3)
+        d = y - centre
+        r2 = (d * d).sum(-1, keepdims=True)
+        s = volume_ratio ** (1 / 3)  # the centre's scale; the organ's volume changes by about ratio
+        return centre + d * (1 - (1 - s) * np.exp(-r2 / (1.5 * radius) ** 2))
 
     def _inverse(self, phi: np.ndarray, iterations: int = 12) -> tuple[np.ndarray, float]:
         """``ψ = φ⁻¹`` on the grid by fixed-point iteration; also the residual ``max |φ(ψ(y)) − y|`` (mm)."""
@@ -299,11 +327,14 @@ class CourseSimulator:
         psi, residual = self._inverse(phi)
         ct = self.case.ct
         img = _sample(ct.array.astype(np.float32), ct.grid, psi, 1, -1000.0)
+        structures = [Structure(st.name, _sample(st.mask.astype(np.float32), st.grid, psi, 1, 0.0) >= 0.5,
+                                self.grid, st.color, st.type) for st in self.case.structures]
+        for name, (_, hu_shift) in truth.get("organ_changes", {}).items():
+            if hu_shift:
+                img[next(st.mask for st in structures if st.name.lower() == name.lower())] += hu_shift
         if self.settings.image_noise_hu > 0:
             img += rng.normal(0.0, self.settings.image_noise_hu, img.shape).astype(np.float32)
         image = Image(np.clip(np.rint(img), -1024, 3071).astype(np.int16), self.grid, "CT")
-        structures = [Structure(st.name, _sample(st.mask.astype(np.float32), st.grid, psi, 1, 0.0) >= 0.5,
-                                self.grid, st.color, st.type) for st in self.case.structures]
         warped = _sample(self.fraction_dose.array, self.fraction_dose.grid, phi, 1, 0.0)
         truth.update({"inverse_residual_mm": residual,
                       "model_tumour_cc": float(self.model_volumes_cc[f - 1]),

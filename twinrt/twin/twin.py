@@ -55,7 +55,8 @@ class TwinSettings:
     """How the twin updates.
 
     :param registration: :class:`RegistrationSettings`.
-    :param goal_set: goal set (name or path) for planned/delivered/projected evaluation.
+    :param goal_set: goal set (name or path) for planned/delivered/projected evaluation; ``None`` for none
+        (no goal rows, no projected-goal warnings).
     :param alpha_beta_overrides: α/β (Gy) per structure name or ``"tumour"``, overriding the defaults.
     :param allow_other_frame: accept a fraction image in another frame of reference (the rigid stage
         then starts from the centres of mass).
@@ -64,7 +65,7 @@ class TwinSettings:
     """
 
     registration: RegistrationSettings = RegistrationSettings()
-    goal_set: str = "head_and_neck_openkbp"
+    goal_set: Optional[str] = "head_and_neck_openkbp"
     alpha_beta_overrides: Optional[dict[str, float]] = None
     allow_other_frame: bool = False
     calibrate: bool = True
@@ -125,8 +126,8 @@ class DigitalTwin:
         self.alpha_beta = alpha_beta_map(self.grid.shape, on_grid, overrides=settings.alpha_beta_overrides
                                          ).astype(np.float32)
         self.body = body_mask(case.ct.array, self.grid.spacing_mm)
-        self.goal_set = load_goal_set(settings.goal_set)
-        self.planned_evaluation = self._evaluate(self.planned_gy, "planned")
+        self.goal_set = load_goal_set(settings.goal_set) if settings.goal_set is not None else None
+        self.planned_evaluation = self._evaluate(self.planned_gy, "planned") if self.goal_set is not None else None
         self.physical_gy = np.zeros(self.grid.shape, np.float32)
         self.bed_gy = np.zeros(self.grid.shape, np.float32)
         self.posterior: Any = None
@@ -278,6 +279,8 @@ class DigitalTwin:
             projected, projected_passed) and warnings for projected failures of goals the plan met.
         """
         plan = self.planned_evaluation
+        if plan is None:
+            return [], []
         to_date = self._evaluate(self.planned_to_date().array, "planned to date")
         delivered = self._evaluate(self.physical_gy, "delivered")
         projected = self._evaluate(self.projected_dose().array, "projected")
