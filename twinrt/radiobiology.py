@@ -200,6 +200,18 @@ LKB_PARAMETERS: dict[str, LkbParameters] = {
         "Dijkema T, Raaijmakers CPJ, Ten Haken RK, et al. Int J Radiat Oncol Biol Phys 2010;78:449-453 "
         "(combined Michigan and Utrecht data, 384 glands)",
         "verified: TD50 39.9 Gy and m 0.40 with the mean dose (n = 1) in the published abstract"),
+    # Sets for the ToxicityMonitor (issue 8) baseline endpoints.
+    "lung_pneumonitis_seppenwoolde2003": LkbParameters(
+        1.0, 0.37, 30.8, "radiation pneumonitis (SWOG criteria; mean-lung-dose model)",
+        "Seppenwoolde Y, Lebesque JV, de Jaeger K, et al. Int J Radiat Oncol Biol Phys 2003;55:724-735 "
+        "(382 breast, lymphoma and NSCLC patients, two centres)",
+        "verified: the published abstract gives TD50 30.8 Gy and m 0.37 with the mean lung dose as the best "
+        "fit (a linear local dose-effect relation, i.e. n = 1); a public ESAPI NTCP table (Michigan) lists the "
+        "same TD50 and m with n 0.99. The grade cut-off of the endpoint was not checked in the paper"),
+    "heart_pericarditis_burman1991": LkbParameters(
+        0.35, 0.10, 48.0, "pericarditis", _BURMAN,
+        "corroborated by one public code table (a Michigan ESAPI NTCP table: HEART n 0.35, m 0.1, TD50 48 Gy, "
+        "no endpoint named); paper not checked"),
 }
 
 #: Default parameter set per organ (OpenKBP / dose-prediction organ names). The parotid uses the
@@ -213,6 +225,19 @@ LKB_DEFAULT_FOR_ORGAN: dict[str, str] = {
     "Esophagus": "esophagus_stricture_burman1991",
     "Larynx": "larynx_cartilage_necrosis_burman1991",
     "Mandible": "mandible_tmj_burman1991",
+}
+
+
+#: Default parameter set per ToxicityMonitor endpoint (keys of
+#: :data:`twinrt.toxicity.trajectory.ENDPOINTS`). No published *acute* esophagitis LKB set could be
+#: verified in this session, so ``"esophagitis"`` falls back to Burman's late stricture/perforation set
+#: (corroborated, but a late endpoint with a higher TD50: expect it to under-predict acute esophagitis;
+#: replace it when a verified acute set is added).
+LKB_SET_FOR_ENDPOINT: dict[str, str] = {
+    "xerostomia": "parotid_flow25_dijkema2010",
+    "esophagitis": "esophagus_stricture_burman1991",
+    "pneumonitis": "lung_pneumonitis_seppenwoolde2003",
+    "cardiac": "heart_pericarditis_burman1991",
 }
 
 
@@ -309,5 +334,5 @@ def poisson_tcp(surviving_clonogens: float | np.ndarray) -> float | np.ndarray:
     return float(out) if out.ndim == 0 else out
 
 
-__all__ += ["LkbParameters", "LKB_PARAMETERS", "LKB_DEFAULT_FOR_ORGAN", "lkb_parameter_set_for", "geud",
-            "lkb_ntcp", "lkb_ntcp_from_voxels", "poisson_tcp"]
+__all__ += ["LkbParameters", "LKB_PARAMETERS", "LKB_DEFAULT_FOR_ORGAN", "LKB_SET_FOR_ENDPOINT",
+            "lkb_parameter_set_for", "geud", "lkb_ntcp", "lkb_ntcp_from_voxels", "poisson_tcp"]
