@@ -9,6 +9,7 @@
 ``twinrt make-sample``     (developers) rebuild the bundled sample from ../shared/data
 ``twinrt dose-predict``    dose prediction: ``train``, ``evaluate-openkbp``, ``predict``, ``register``, ``models``
 ``twinrt twin``            digital twin: ``simulate``, ``run``, ``evaluate``, ``similar`` (:mod:`twinrt.twin.cli`)
+``twinrt toxicity``        toxicity early warning: ``simulate-cohort``, ``train``, ``evaluate``, ``predict``
 
 Errors of bad input print one line starting with ``error:`` and exit with status 2.
 """
@@ -503,6 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
     from twinrt.twin.cli import add_twin_parser
 
     add_twin_parser(sub)
+    from twinrt.toxicity.cli import add_toxicity_parser
+
+    add_toxicity_parser(sub)
     return p
 
 
@@ -538,6 +542,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from twinrt.twin.cli import run_twin_command
 
             return run_twin_command(args, _print_progress)
+        if args.command == "toxicity":
+            from twinrt.toxicity.cli import run_toxicity_command
+
+            return run_toxicity_command(args, _print_progress)
     except TwinRTError as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 2

@@ -23,8 +23,9 @@ For every simulated patient ``p``:
    per endpoint (:class:`EndpointTruth`). The patient's threshold is ``T · exp(ε)``,
    ``ε ~ N(0, σ_T)`` (noise). Onset of grade ≥ 1 is the first fraction with ``Z_f ≥ threshold``;
    the grade is 1, 2 when ``Z_N ≥ 1.4 ×`` threshold, 3 when ``Z_N ≥ 2 ×`` threshold; 0 without onset.
-5. **The twin** takes every fraction (registration, dose mapping, BED): the features ToxicityMonitor
-   sees come from the twin (:func:`twinrt.toxicity.features.trajectories_from_twin`), not from the
+5. **The twin** takes every fraction (registration, dose mapping, BED; a day whose deformable
+   registration is refused is registered rigidly, and listed in the trajectory's metadata): the
+   features ToxicityMonitor sees come from the twin (:func:`twinrt.toxicity.features.trajectories_from_twin`), not from the
    truth; the toxicity comes from the truth.
 
 The parameters of :data:`TRUTH` were set once, before any model was fitted, from a pilot on the
@@ -39,7 +40,7 @@ Seeds: cohorts for development used seeds 0–99; reported results use seeds ≥
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
@@ -173,7 +174,7 @@ def simulate_patient(case: Case, patient_id: str, seed: int, n_fractions: int = 
 
     from twinrt.toxicity.features import trajectories_from_twin
     from twinrt.twin.simulator import CourseSettings, CourseSimulator
-    from twinrt.twin.twin import DigitalTwin, TwinSettings
+    from twinrt.twin.twin import DigitalTwin, FractionRefusedError, TwinSettings
 
     t0 = time.perf_counter()
     rng = np.random.default_rng([int(seed), 7])
@@ -200,6 +201,7 @@ def simulate_patient(case: Case, patient_id: str, seed: int, n_fractions: int = 
     sim = CourseSimulator(case, planned_dose, CourseSettings(n_fractions=n_fractions, seed=int(seed)), organ_changes)
     twin = DigitalTwin(sim.timeline(), TwinSettings(goal_set=None, calibrate=False))
     damage: dict[str, list[float]] = {name: [] for name in masks}
+    rigid_days: list[int] = []
     for f in range(1, n_fractions + 1):
         day = sim.fraction(f)
         for name, m in masks.items():
@@ -209,7 +211,17 @@ def simulate_patient(case: Case, patient_id: str, seed: int, n_fractions: int = 
             z = sensitivity * _geud(bed_truth[name], et.n_eud) / et.bed_ref_gy * \
                 (1 + et.texture_weight * _hot_share(bed_truth[name]))
             damage[name].append(z)
-        twin.add_fraction(day.fraction)
+        try:
+            twin.add_fraction(day.fraction)
+        except FractionRefusedError:
+            # As a physicist would: register that day rigidly only (recorded in the metadata).
+            deformable = twin.settings
+            twin.settings = replace(deformable, registration=replace(deformable.registration, deformable=False))
+            try:
+                twin.add_fraction(day.fraction)
+            finally:
+                twin.settings = deformable
+            rigid_days.append(f)
     outcomes = {}
     for name, z in damage.items():
         thr = thresholds[name]
@@ -224,7 +236,8 @@ def simulate_patient(case: Case, patient_id: str, seed: int, n_fractions: int = 
     for t in trajectories:
         t.metadata.update({"source": "simulated cohort (twinrt.toxicity.cohort)", "seed": int(seed),
                            "hidden_sensitivity": sensitivity, "hidden_threshold": thresholds[t.organ],
-                           "hidden_damage": [round(v, 5) for v in damage[t.organ]]})
+                           "hidden_damage": [round(v, 5) for v in damage[t.organ]],
+                           "rigid_only_fractions": rigid_days})
     return trajectories, hidden
 
 

@@ -15,7 +15,8 @@ Method (SimpleITK, https://simpleitk.org; Lowekamp et al., Front Neuroinform 201
   metric restricted to the planning body (HU > −300), started from the identity when both images
   share a frame of reference, otherwise from the images' centres of mass;
 * **deformable**: diffeomorphic demons (Vercauteren et al., NeuroImage 45:S61, 2009) on the rigidly
-  aligned images, two levels (quarter then half resolution in plane; intensities windowed to [−400, 600] HU after
+  aligned images, two levels (quarter then half resolution in plane, never below about 24 voxels
+  per axis; intensities windowed to [−400, 600] HU after
   histogram matching for non-CT pairs), displacement field smoothed with a Gaussian of
   :attr:`RegistrationSettings.smoothing_voxels` voxels, then resampled to the full planning grid.
 
@@ -274,7 +275,10 @@ def _demons(fixed: Image, aligned: np.ndarray, body: np.ndarray, ct_pair: bool,
         m = sitk.HistogramMatching(m, f, numberOfHistogramLevels=256, numberOfMatchPoints=15, thresholdAtMeanIntensity=True)
     # Two levels: quarter resolution in plane and half along k, then half resolution in plane.
     field_small = None
-    for shrink, iterations in zip(([4, 4, 2], [2, 2, 1]), settings.demons_iterations):
+    size = f.GetSize()  # (i, j, k)
+    for level, iterations in zip(([4, 4, 2], [2, 2, 1]), settings.demons_iterations):
+        # Never shrink an axis below about 24 voxels (small or coarse images register at full size).
+        shrink = [int(max(1, min(s, n // 24))) for s, n in zip(level, size)]
         fs, ms = sitk.Shrink(f, shrink), sitk.Shrink(m, shrink)
         demons = sitk.DiffeomorphicDemonsRegistrationFilter()
         demons.SetNumberOfIterations(int(iterations))
