@@ -15,7 +15,7 @@ Method (SimpleITK, https://simpleitk.org; Lowekamp et al., Front Neuroinform 201
   metric restricted to the planning body (HU > −300), started from the identity when both images
   share a frame of reference, otherwise from the images' centres of mass;
 * **deformable**: diffeomorphic demons (Vercauteren et al., NeuroImage 45:S61, 2009) on the rigidly
-  aligned images, two levels (quarter then half resolution in plane, never below about 24 voxels
+  aligned images, two levels (quarter then half resolution in plane, never below about 16 voxels
   per axis; intensities windowed to [−400, 600] HU after
   histogram matching for non-CT pairs), displacement field smoothed with a Gaussian of
   :attr:`RegistrationSettings.smoothing_voxels` voxels, then resampled to the full planning grid.
@@ -277,8 +277,8 @@ def _demons(fixed: Image, aligned: np.ndarray, body: np.ndarray, ct_pair: bool,
     field_small = None
     size = f.GetSize()  # (i, j, k)
     for level, iterations in zip(([4, 4, 2], [2, 2, 1]), settings.demons_iterations):
-        # Never shrink an axis below about 24 voxels (small or coarse images register at full size).
-        shrink = [int(max(1, min(s, n // 24))) for s, n in zip(level, size)]
+        # Never shrink an axis below about 16 voxels (small or coarse images register at full size).
+        shrink = [int(max(1, min(s, n // 16))) for s, n in zip(level, size)]
         fs, ms = sitk.Shrink(f, shrink), sitk.Shrink(m, shrink)
         demons = sitk.DiffeomorphicDemonsRegistrationFilter()
         demons.SetNumberOfIterations(int(iterations))
