@@ -13,13 +13,15 @@ import pytest
 
 from twinrt.errors import InvalidInputError, StructureError
 from twinrt.geometry import Grid
-from twinrt.model import Case, Dose, Image, Structure
+from twinrt.model import Image, Structure
 from twinrt.toxicity.csvio import CohortCsvError, read_cohort_csv, write_cohort_csv
 from twinrt.toxicity.features import (BED_BIN_MIN_GY, BED_BIN_WIDTH_GY, CT_BIN_MIN_HU, CT_BIN_WIDTH_HU,
                                       DIRECTIONS_3D, dose_volume_features, endpoint_for, feature_names,
                                       first_order, glcm_features, organ_fraction_features, trajectories_from_twin,
                                       with_baseline_changes)
 from twinrt.toxicity.trajectory import Cohort, OrganTrajectory
+
+from twin_cases import cropped_sample
 
 
 # ----------------------------------------------------------------------------------- first order
@@ -337,30 +339,12 @@ def test_csv_write_refuses_what_would_not_read_back(tmp_path):
 
 
 # ----------------------------------------------------------------------------------- from the twin
-def _cropped_sample() -> Case:
-    """The sample patient cropped to the box around its body (+2 voxels), as in test_twin_course."""
-    from scipy import ndimage
-
-    from twinrt.sample import load_sample_case
-
-    case = load_sample_case()
-    body = ndimage.binary_fill_holes(case.ct.array > -300)
-    idx = np.nonzero(body)
-    lo = [max(int(i.min()) - 2, 0) for i in idx]
-    hi = [min(int(i.max()) + 3, n) for i, n in zip(idx, case.ct.grid.shape)]
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    grid = case.ct.grid.subgrid(lo[0], hi[0], lo[1], hi[1], lo[2], hi[2])
-    structures = [Structure(s.name, s.mask[box], grid, s.color, s.type) for s in case.structures]
-    doses = {k: Dose(d.resampled(case.ct.grid).array[box], grid, d.name) for k, d in case.doses.items()}
-    return Case(case.patient_id, Image(case.ct.array[box], grid), structures, doses, [], dict(case.metadata))
-
-
 @pytest.fixture(scope="module")
 def twin():
     from twinrt.twin.simulator import CourseSettings, CourseSimulator
     from twinrt.twin.twin import DigitalTwin, TwinSettings
 
-    sim = CourseSimulator(_cropped_sample(), "reference", CourseSettings(n_fractions=4, seed=3))
+    sim = CourseSimulator(cropped_sample(), "reference", CourseSettings(n_fractions=4, seed=3))
     tw = DigitalTwin(sim.timeline(), TwinSettings(calibrate=False))
     for f in (1, 2):
         tw.add_fraction(sim.fraction(f).fraction)

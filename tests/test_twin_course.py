@@ -14,36 +14,20 @@ import pytest
 
 from twinrt.errors import InvalidInputError, MissingInputError
 from twinrt.geometry import Grid
-from twinrt.model import Case, Dose, Image, Structure
+from twinrt.model import Dose, Image
 from twinrt.twin.registration import (Registration, RegistrationError, RegistrationSettings, jacobian_determinant,
                                       register, structure_dice)
 from twinrt.twin.simulator import CourseSettings, CourseSimulator, ensure_tumour, treatment_dates
 from twinrt.twin.timeline import CaseTimeline, Fraction
 from twinrt.twin.twin import DigitalTwin, FractionRefusedError, TwinSettings
 
-
-def _cropped_sample() -> Case:
-    """The sample patient cropped to the box around its body (+2 voxels)."""
-    from scipy import ndimage
-
-    from twinrt.sample import load_sample_case
-
-    case = load_sample_case()
-    body = ndimage.binary_fill_holes(case.ct.array > -300)
-    idx = np.nonzero(body)
-    lo = [max(int(i.min()) - 2, 0) for i in idx]
-    hi = [min(int(i.max()) + 3, n) for i, n in zip(idx, case.ct.grid.shape)]
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    grid = case.ct.grid.subgrid(lo[0], hi[0], lo[1], hi[1], lo[2], hi[2])
-    structures = [Structure(s.name, s.mask[box], grid, s.color, s.type) for s in case.structures]
-    doses = {k: Dose(d.resampled(case.ct.grid).array[box], grid, d.name) for k, d in case.doses.items()}
-    return Case(case.patient_id, Image(case.ct.array[box], grid), structures, doses, [], dict(case.metadata))
+from twin_cases import cropped_sample
 
 
 @pytest.fixture(scope="module")
 def course():
     """A 4-fraction simulated course on the cropped sample, with the first two fractions taken by a twin."""
-    case = _cropped_sample()
+    case = cropped_sample()
     sim = CourseSimulator(case, "reference", CourseSettings(n_fractions=4, seed=3))
     twin = DigitalTwin(sim.timeline())
     days = [sim.fraction(f) for f in (1, 2, 3)]
@@ -180,7 +164,7 @@ def test_twin_records_registration_quality_and_goals(course):
 
 def test_projected_goal_failure_warns():
     """A fraction whose dose is doubled: the projection breaks the plan's cord limit and warns."""
-    case = _cropped_sample()
+    case = cropped_sample()
     sim = CourseSimulator(case, "reference", CourseSettings(n_fractions=4, seed=5, deformation_mm=0.0))
     twin = DigitalTwin(sim.timeline(), TwinSettings(calibrate=False))
     day = sim.fraction(1).fraction

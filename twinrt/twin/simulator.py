@@ -9,8 +9,8 @@ anatomy moves by a known map ``φ_f`` from planning positions ``x`` to the day's
 
 1. **tumour shrinkage** around the tumour's centroid ``c``:
    ``x ↦ c + (x − c)·g(r)``, ``g(r) = 1 − (1 − s_f)·exp(−r²/R²)``, ``r = |x − c|``,
-   ``R = 1.5 ×`` the tumour's equivalent-sphere radius; invertible for ``s_f > 0.3`` (radial
-   derivative ≥ 1 − 0.7·max((1 − 2u)e^{−u}) > 0). ``s_f`` is solved so that the tumour's volume
+   ``R = 1.5 ×`` the tumour's equivalent-sphere radius; invertible for every ``s_f > 0`` (the radial
+   derivative ``1 − (1 − s_f)(1 − 2u)e^{−u}``, ``u = r²/R²``, is at least ``s_f``). ``s_f`` is solved so that the tumour's volume
    (the integral of the map's Jacobian over the planning tumour) equals the response model's volume
    at that day times log-normal contouring noise (:attr:`CourseSettings.observation_sd`), divided
    by the in-plane weight-loss factor;
@@ -234,7 +234,8 @@ class CourseSimulator:
 
     # -------------------------------------------------------------------------------------- pieces
     def _tumour_scale(self, volume_ratio: float) -> float:
-        """``s`` such that the tumour map changes the tumour's volume by ``volume_ratio``."""
+        """``s`` such that the tumour map changes the tumour's volume by ``volume_ratio`` (clamped to what the
+        map can make, about 0.14-2.5; the day's mask volume, in the truth, then differs from the model's)."""
         from scipy.optimize import brentq
 
         d = self.points[self.tumour.mask] - self.tumour_centre
@@ -247,10 +248,11 @@ class CourseSimulator:
             det = g * g * (g + 2 * r2 * (1 - s) * e / big_r2)
             return float(det.mean()) - volume_ratio
 
-        lo, hi = 0.3, 1.6
-        if ratio(lo) > 0 or ratio(hi) < 0:
-            raise InvalidInputError(f"The simulated tumour volume ratio {volume_ratio:.3f} is outside what the "
-                                    "shrinkage map can make (about 0.05-3); choose other response parameters")
+        lo, hi = 0.05, 1.6
+        if ratio(lo) > 0:  # beyond what the map can make (about 0.14 of the volume): the strongest shrinkage
+            return lo
+        if ratio(hi) < 0:
+            return hi
         return float(brentq(ratio, lo, hi, xtol=1e-5))
 
     def _forward_map(self, f: int, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any]]:
