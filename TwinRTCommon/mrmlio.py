@@ -743,9 +743,19 @@ def tableToRows(tableNode) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------------
-def _nodesByClass(scene, className: str) -> list:
+def nodesByClass(scene, className: str) -> list:
+    """Every node of ``className`` (or a subclass) in ``scene``."""
     collection = scene.GetNodesByClass(className)
     return [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
+
+
+
+def findOutputs(scene, studyItem: int, role: str, createdBy: str, className: str = "vtkMRMLNode") -> list:
+    """The nodes a module (``createdBy``) wrote with ``role`` (``TwinRT.Role``) in ``studyItem``, oldest first."""
+    return [node for node in nodesByClass(scene, className)
+            if node.GetAttribute(ROLE_ATTRIBUTE) == role
+            and node.GetAttribute(CREATED_BY_ATTRIBUTE) == createdBy
+            and studyItemOf(node) == studyItem]
 
 
 def isDoseVolumeNode(node) -> bool:
@@ -760,7 +770,7 @@ def findCtVolume(scene):
     :raises MissingInputError: when the scene has no CT volume.
     :raises InvalidInputError: when several volumes qualify (pass the CT explicitly).
     """
-    volumes = [n for n in _nodesByClass(scene, "vtkMRMLScalarVolumeNode")
+    volumes = [n for n in nodesByClass(scene, "vtkMRMLScalarVolumeNode")
                if not n.IsA("vtkMRMLLabelMapVolumeNode") and not isDoseVolumeNode(n)]
     # Scenes written by caseToScene say which volume is the CT; scenes loaded by SlicerRT's DICOM
     # import do not, and then the only non-dose volume is the CT.
@@ -791,7 +801,7 @@ def findSegmentation(scene, ctVolumeNode):
     :return: the node, or ``None`` when the scene has no segmentation at all.
     :raises GeometryError: when segmentations exist but none references the CT.
     """
-    segmentations = _nodesByClass(scene, "vtkMRMLSegmentationNode")
+    segmentations = nodesByClass(scene, "vtkMRMLSegmentationNode")
     if not segmentations:
         return None
     # A segmentation that references another volume may be on another grid; guessing would
@@ -852,7 +862,7 @@ def uniqueDoseName(scene, studyItem: int, base: str, exclude=None) -> str:
     :param exclude: a dose node whose own name does not count (one that is being refilled).
     """
     taken = {node.GetAttribute(DOSE_NAME_ATTRIBUTE) or node.GetName()
-             for node in _nodesByClass(scene, "vtkMRMLScalarVolumeNode")
+             for node in nodesByClass(scene, "vtkMRMLScalarVolumeNode")
              if node is not exclude and isDoseVolumeNode(node) and studyItemOf(node) == studyItem}
     name, number = base, 1
     while name in taken:
@@ -926,7 +936,7 @@ def sceneToCase(scene=None, ctVolumeNode=None, segmentationNode=None) -> Case:
     unit = sh.GetItemAttribute(studyItem, DOSE_UNIT_NAME_ATTRIBUTE) if studyItem else ""
     scale = _doseScale(unit)
     doses = {}
-    for node in _nodesByClass(scene, "vtkMRMLScalarVolumeNode"):
+    for node in nodesByClass(scene, "vtkMRMLScalarVolumeNode"):
         # Doses of other studies belong to other patients; unparented doses are accepted.
         if not isDoseVolumeNode(node) or (studyItem and _studyItemOf(sh, node) not in (studyItem, 0)):
             continue

@@ -84,20 +84,9 @@ def tagOutput(node, role: str, patientId: str, source: str = "") -> None:
     node.SetAttribute(PATIENT_ID_ATTRIBUTE, patientId)
 
 
-def _nodesByClass(scene, className: str) -> list:
-    collection = scene.GetNodesByClass(className)
-    return [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
-
-
 def findOutputs(scene, studyItem: int, role: str, className: str = "vtkMRMLNode") -> list:
-    """The nodes DigitalTwin wrote with ``role`` in ``studyItem`` (oldest first).
-
-    :param scene: the scene; :param studyItem: the patient's study item; :param className: node class.
-    """
-    return [node for node in _nodesByClass(scene, className)
-            if node.GetAttribute(mrmlio.ROLE_ATTRIBUTE) == role
-            and node.GetAttribute(mrmlio.CREATED_BY_ATTRIBUTE) == CREATED_BY
-            and mrmlio.studyItemOf(node) == studyItem]
+    """The nodes DigitalTwin wrote with ``role`` in ``studyItem`` (oldest first; :func:`TwinRTCommon.mrmlio.findOutputs`)."""
+    return mrmlio.findOutputs(scene, studyItem, role, CREATED_BY, className)
 
 
 def findOutput(scene, studyItem: int, role: str, className: str = "vtkMRMLNode"):
