@@ -54,3 +54,15 @@ def test_cli_bad_csv_is_a_typed_error(tmp_path, capsys):
     (tmp_path / "outcomes.csv").write_text("patient_id,organ,endpoint,grade,onset_fraction\nP1,Esophagus,esophagitis,0,\n")
     assert main(["toxicity", "evaluate", str(tmp_path)]) == 2
     assert "line 2" in capsys.readouterr().err
+
+
+def test_shipped_model_matches_the_twin_features():
+    """The shipped model (trained on a simulated development cohort) reads exactly the twin's features."""
+    from twinrt.toxicity.cli import shipped_model_path
+    from twinrt.toxicity.features import feature_names
+    from twinrt.toxicity.model import ToxicityModel
+
+    model = ToxicityModel.load(shipped_model_path())  # sha256 checked
+    names = feature_names()
+    assert model.feature_names == names + [f"d_{n}" for n in names]
+    assert model.model_id == "toxicity-gruae-v1" and len(model.sha256) == 64

@@ -41,6 +41,7 @@ def add_toxicity_parser(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--model-id", default="toxicity-gruae-v1")
             p.add_argument("--epochs", type=int, default=150)
             p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--description", default=None, help="what the training cohort is (stored in the manifest)")
         if name == "evaluate":
             p.add_argument("--threshold", type=float, default=0.5)
             p.add_argument("--epochs", type=int, default=150)
@@ -82,6 +83,8 @@ def run_toxicity_command(args: argparse.Namespace, progress: Callable[[float, st
         return 0
     cohort = _read(args.cohort_dir)
     if cmd == "train":
+        if args.description:
+            cohort.description = args.description
         model = ToxicityModel.fit(cohort, seed=args.seed, epochs=args.epochs, model_id=args.model_id,
                                   progress=progress)
         path = model.save(args.out)
