@@ -260,3 +260,18 @@ def test_bad_input_raises_typed_errors(model, cohort):
         ToxicityModel.fit([traj, renamed], epochs=1)
     with pytest.raises(InvalidInputError):
         ToxicityModel.fit(cohort, epochs=0)
+
+
+def test_endpoint_inputs_option_round_trip(tmp_path):
+    """With ``endpoint_inputs`` the endpoint's one-hot joins the inputs; save/load keeps it; risks differ by endpoint."""
+    cohort = make_cohort(n_patients=8, n_fractions=6, n_features=4, n_signal=2, seed=4)
+    m = ToxicityModel.fit(cohort, seed=0, epochs=5, endpoint_inputs=True)
+    assert m.net.autoencoder.input_dim == 4 + len(ENDPOINTS)
+    m.save(tmp_path)
+    again = ToxicityModel.load(tmp_path / f"{m.model_id}.json")
+    assert again.recipe.endpoint_inputs is True
+    t = cohort.trajectories[0]
+    assert np.array_equal(again.risk(t), m.risk(t))
+    other = OrganTrajectory(t.patient_id, t.organ, "cardiac" if t.endpoint != "cardiac" else "xerostomia",
+                            t.fractions, t.features, t.feature_names)
+    assert not np.allclose(m.risk(other), m.risk(t))
