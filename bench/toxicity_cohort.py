@@ -10,7 +10,7 @@ OpenKBP training patients when ``../shared/data`` is present (else the bundled s
 
 Usage::
 
-    .venv/bin/python bench/toxicity_cohort.py                         # 3 cohorts x 20 patients, ~35 min
+    .venv/bin/python bench/toxicity_cohort.py --patients 16           # 3 cohorts x 16 patients, ~25 min (reported)
     .venv/bin/python bench/toxicity_cohort.py --seeds 1001 --patients 12 --json out.json
 
 Ends with ``RESULT {json}``: ``auc_gru``, ``auc_lkb`` (pooled over the cohorts' held-out

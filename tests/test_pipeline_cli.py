@@ -32,7 +32,7 @@ def test_demo_writes_dicom_scene_and_report(tmp_path, capsys):
     report = (out / "report.html").read_text()
     assert "Research use only" in report
     assert report.count("data:image/png;base64,") >= 2  # DVH plot and dose overlay
-    assert "PTV70" in report and "not available yet (issue 6)" in report
+    assert "PTV70" in report and "not in this run yet (issue 9)" in report
     summary = json.loads((out / "summary.json").read_text())
     assert summary["doses"] == ["reference", "planned"]
     for dose in summary["doses"]:

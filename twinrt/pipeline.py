@@ -2,9 +2,9 @@
 
 The pipeline imports the patient, plans it with AIPlanner's engine when it has a prescription
 (beams, dij, fluence optimisation, leaf sequencing), computes DVH metrics of every dose, and writes
-DICOM-RT, the Slicer scene ``.mrb`` and an HTML report. The stages that later issues add
-(contouring, dose prediction, the planning agent, digital twin, toxicity) are listed in the report
-as not available until their issues land.
+DICOM-RT, the Slicer scene ``.mrb`` and an HTML report. The other stages (contouring, dose
+prediction, the planning agent, digital twin, toxicity) exist in their modules and commands; the report
+lists them as not in this run until issue 9 wires them in.
 """
 
 from __future__ import annotations
@@ -29,13 +29,16 @@ from twinrt.progress import CancelToken, ProgressCallback, report
 #: Stages that later issues add, in pipeline order, with the issue that builds each.
 #: Stages the All-in-One run does not do yet, with the status the report shows: modules still to
 #: be built name their issue; built ones wait for issue 9 (All-in-One) to be wired in.
-PENDING_STAGES_BEFORE_PLAN = [("contour (AutoContour)", "not available yet (issue 6)"),
+PENDING_STAGES_BEFORE_PLAN = [("contour (AutoContour)", "in the AutoContour module and `twinrt contour`; not in this "
+                                                         "run yet (issue 9)"),
                               ("dose prediction (DosePredict)", "in the DosePredict module and `twinrt dose-predict`; "
                                                                 "not in this run yet (issue 9)")]
 PENDING_STAGES_AFTER_PLAN = [("planning agent and goals (AIPlanner)", "in the AIPlanner module; not in this run yet "
                                                                       "(issue 9)"),
-                             ("digital twin (DigitalTwin)", "not available yet (issue 7)"),
-                             ("toxicity risk (ToxicityMonitor)", "not available yet (issue 8)")]
+                             ("digital twin (DigitalTwin)", "in the DigitalTwin module and `twinrt twin`; not in this "
+                                                            "run yet (issue 9)"),
+                             ("toxicity risk (ToxicityMonitor)", "in the ToxicityMonitor module and `twinrt toxicity`; "
+                                                                 "not in this run yet (issue 9)")]
 #: Name of the dose of TwinRT's own plan in the case and the outputs.
 PLANNED_DOSE = "planned"
 
