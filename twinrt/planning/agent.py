@@ -731,7 +731,8 @@ def virtual_planner(case: Case, goals: Any, setup: Optional[PlanSetup] = None,
                     prescriptions: Optional[Sequence[Prescription]] = None, max_rounds: int = 6,
                     round_iter: Optional[int] = None, time_budget_s: Optional[float] = None,
                     label: str = "TwinRT AI", progress: Optional[ProgressCallback] = None,
-                    cancel: Optional[CancelToken] = None) -> AgentResult:
+                    cancel: Optional[CancelToken] = None,
+                    reference_doses: Optional[dict[str, Dose]] = None) -> AgentResult:
     """Plan ``case`` for clinical ``goals``: optimise, evaluate, adjust the objectives, repeat.
 
     :param case: CT (HU) with structures and prescriptions.
@@ -747,6 +748,8 @@ def virtual_planner(case: Case, goals: Any, setup: Optional[PlanSetup] = None,
     :param label: RT plan label.
     :param progress: ``progress(fraction, text)``.
     :param cancel: cancel token (raises :class:`twinrt.progress.CancelledError`).
+    :param reference_doses: doses that dose-mimicking objectives refer to by name (e.g. a prediction,
+        ``"predicted"``, and its ``"predicted_std"``: :func:`twinrt.planning.kbp.mimicking_objectives`).
     :raises InvalidInputError: no goals, ``max_rounds < 1``, or what :func:`~twinrt.planning.workflow.plan_case` raises.
     """
     t_start = time.perf_counter()
@@ -763,6 +766,8 @@ def virtual_planner(case: Case, goals: Any, setup: Optional[PlanSetup] = None,
 
     report(progress, 0.0, "Preparing the dose-influence matrix", cancel)
     problem = prepare_problem(case, setup, prescriptions, sub(0.0, 0.3), cancel)
+    if reference_doses:
+        problem.set_reference_doses(dict(reference_doses))
     objs = [dict(o) if isinstance(o, dict) else o.to_dict()
             for o in (objectives or default_objectives(case, problem.prescriptions))]
     optimizable = _optimizable(problem)

@@ -34,6 +34,7 @@ feature names, recipe, cohort description, metrics, research-use label); loading
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 import time
@@ -57,7 +58,7 @@ DEFAULT_MODEL_ID = "toxicity-gruae-v1"
 #: Early fractions at which :func:`leave_one_patient_out` also reports the AUC.
 EARLY_FRACTIONS = (10, 15)
 
-__all__ = ["FeatureMismatchError", "WeightsIntegrityError", "Standardiser", "ToxicityRecipe", "GruAutoencoder",
+__all__ = ["FeatureMismatchError", "WeightsIntegrityError", "Standardiser", "ToxicityRecipe",
            "ToxicityModel", "lkb_baseline_risk", "auc_mann_whitney", "sensitivity_specificity",
            "youden_threshold", "lead_time", "risk_at_fraction", "leave_one_patient_out", "MODEL_VERSION",
            "DEFAULT_MODEL_ID", "EARLY_FRACTIONS"]
@@ -132,61 +133,77 @@ def _torch():
     return torch
 
 
-def _module_base():
-    return _torch().nn.Module
+@functools.lru_cache(maxsize=None)
+def _classes() -> tuple[Any, Any]:
+    """``(GruAutoencoder, _ToxicityNet)``, defined on first use so that importing this module does not import
+    torch (the core loads heavy packages lazily)."""
+    torch = _torch()
+
+    class GruAutoencoder(torch.nn.Module):  # type: ignore[misc,name-defined]
+        """GRU encoder → per-fraction latent state → GRU decoder → reconstructed features.
+
+        Both GRUs are unidirectional, so the latent state and the reconstruction at fraction t depend on
+        fractions ≤ t only.
+
+        :param input_dim: features per fraction after standardisation.
+        :param hidden: GRU hidden size.
+        :param latent: latent state size.
+        """
+
+        def __init__(self, input_dim: int, hidden: int = 16, latent: int = 8) -> None:
+            torch = _torch()
+            super().__init__()
+            self.input_dim, self.hidden, self.latent = int(input_dim), int(hidden), int(latent)
+            self.encoder = torch.nn.GRU(self.input_dim, self.hidden, batch_first=True)
+            self.to_latent = torch.nn.Linear(self.hidden, self.latent)
+            self.decoder = torch.nn.GRU(self.latent, self.hidden, batch_first=True)
+            self.to_features = torch.nn.Linear(self.hidden, self.input_dim)
+
+        def encode(self, x: Any) -> Any:
+            """(B, T, input_dim) → (B, T, latent) latent states (tanh-bounded)."""
+            h, _ = self.encoder(x)
+            return _torch().tanh(self.to_latent(h))
+
+        def decode(self, z: Any) -> Any:
+            """(B, T, latent) → (B, T, input_dim) reconstruction."""
+            h, _ = self.decoder(z)
+            return self.to_features(h)
+
+        def forward(self, x: Any) -> tuple[Any, Any]:
+            """Return ``(latent, reconstruction)``."""
+            z = self.encode(x)
+            return z, self.decode(z)
 
 
-class GruAutoencoder(_module_base()):  # type: ignore[misc]
-    """GRU encoder → per-fraction latent state → GRU decoder → reconstructed features.
+    class _ToxicityNet(torch.nn.Module):  # type: ignore[misc,name-defined]
+        """The autoencoder plus standardisation and logistic regression as buffers (one state dict, one sha256)."""
 
-    Both GRUs are unidirectional, so the latent state and the reconstruction at fraction t depend on
-    fractions ≤ t only.
+        def __init__(self, n_features: int, missing_indicator: bool, hidden: int, latent: int,
+                     extra_inputs: int = 0) -> None:
+            torch = _torch()
+            super().__init__()
+            input_dim = n_features * (2 if missing_indicator else 1) + int(extra_inputs)
+            self.autoencoder = GruAutoencoder(input_dim, hidden, latent)
+            self.register_buffer("feature_mean", torch.zeros(n_features))
+            self.register_buffer("feature_std", torch.ones(n_features))
+            self.register_buffer("latent_mean", torch.zeros(latent))
+            self.register_buffer("latent_std", torch.ones(latent))
+            self.register_buffer("coef", torch.zeros(latent))
+            self.register_buffer("intercept", torch.zeros(1))
 
-    :param input_dim: features per fraction after standardisation.
-    :param hidden: GRU hidden size.
-    :param latent: latent state size.
-    """
-
-    def __init__(self, input_dim: int, hidden: int = 16, latent: int = 8) -> None:
-        torch = _torch()
-        super().__init__()
-        self.input_dim, self.hidden, self.latent = int(input_dim), int(hidden), int(latent)
-        self.encoder = torch.nn.GRU(self.input_dim, self.hidden, batch_first=True)
-        self.to_latent = torch.nn.Linear(self.hidden, self.latent)
-        self.decoder = torch.nn.GRU(self.latent, self.hidden, batch_first=True)
-        self.to_features = torch.nn.Linear(self.hidden, self.input_dim)
-
-    def encode(self, x: Any) -> Any:
-        """(B, T, input_dim) → (B, T, latent) latent states (tanh-bounded)."""
-        h, _ = self.encoder(x)
-        return _torch().tanh(self.to_latent(h))
-
-    def decode(self, z: Any) -> Any:
-        """(B, T, latent) → (B, T, input_dim) reconstruction."""
-        h, _ = self.decoder(z)
-        return self.to_features(h)
-
-    def forward(self, x: Any) -> tuple[Any, Any]:
-        """Return ``(latent, reconstruction)``."""
-        z = self.encode(x)
-        return z, self.decode(z)
+    return GruAutoencoder, _ToxicityNet
 
 
-class _ToxicityNet(_module_base()):  # type: ignore[misc]
-    """The autoencoder plus standardisation and logistic regression as buffers (one state dict, one sha256)."""
+def _net(*args: Any) -> Any:
+    """A new ``_ToxicityNet`` (the autoencoder plus standardisation and logistic regression as buffers)."""
+    return _classes()[1](*args)
 
-    def __init__(self, n_features: int, missing_indicator: bool, hidden: int, latent: int,
-                 extra_inputs: int = 0) -> None:
-        torch = _torch()
-        super().__init__()
-        input_dim = n_features * (2 if missing_indicator else 1) + int(extra_inputs)
-        self.autoencoder = GruAutoencoder(input_dim, hidden, latent)
-        self.register_buffer("feature_mean", torch.zeros(n_features))
-        self.register_buffer("feature_std", torch.ones(n_features))
-        self.register_buffer("latent_mean", torch.zeros(latent))
-        self.register_buffer("latent_std", torch.ones(latent))
-        self.register_buffer("coef", torch.zeros(latent))
-        self.register_buffer("intercept", torch.zeros(1))
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: ``GruAutoencoder`` is a torch module class, made on first access.
+    if name == "GruAutoencoder":
+        return _classes()[0]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------- recipe
@@ -342,7 +359,7 @@ class ToxicityModel:
             raise InvalidInputError("ToxicityModel.fit: the trajectories have no fraction")
 
         torch.manual_seed(int(rec.seed))
-        net = _ToxicityNet(len(trajectories[0].feature_names), rec.missing_indicator, rec.hidden, rec.latent,
+        net = _net(len(trajectories[0].feature_names), rec.missing_indicator, rec.hidden, rec.latent,
                            len(ENDPOINTS) if rec.endpoint_inputs else 0)
         net.feature_mean.copy_(torch.as_tensor(standardiser.mean, dtype=torch.float32))
         net.feature_std.copy_(torch.as_tensor(standardiser.std, dtype=torch.float32))
@@ -505,7 +522,7 @@ class ToxicityModel:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise InvalidInputError(f"{entry_path} is not a ToxicityMonitor manifest ({exc})") from exc
         state = load_weights_file(weights, sha)
-        net = _ToxicityNet(len(names), recipe.missing_indicator, recipe.hidden, recipe.latent,
+        net = _net(len(names), recipe.missing_indicator, recipe.hidden, recipe.latent,
                            len(ENDPOINTS) if recipe.endpoint_inputs else 0)
         try:
             net.load_state_dict({k: v.float() for k, v in state.items()})
