@@ -61,3 +61,41 @@ def test_run_on_folder_without_ct_fails_cleanly(tmp_path, capsys):
     assert main(["run", str(tmp_path / "empty"), "--out", str(out), "--no-scene"]) == 2
     assert "import DICOM" in capsys.readouterr().err
     assert not out.exists()
+
+
+@needs_sample
+def test_protocol_head_and_neck_runs_the_ai_stages(tmp_path):
+    """``--protocol head-and-neck``: contour, predict, virtual planner from the prediction, goals, twin, NTCP."""
+    from twinrt.pipeline import run_pipeline
+    from twinrt.sample import sample_dicom_dir
+    from twinrt.twin.timeline import CaseTimeline
+
+    out = tmp_path / "out"
+    res = run_pipeline(sample_dicom_dir(), out, write_scene=False, protocol="head-and-neck")
+    stages = {name: status for name, _, status in res.timings}
+    for name in ("contour (AutoContour)", "dose prediction (DosePredict)", "plan (AIPlanner virtual planner)",
+                 "evaluate goals", "digital twin and toxicity baseline", "write DICOM-RT", "write report"):
+        assert stages.get(name) == "done", (name, stages)
+    assert {"reference", "predicted", "planned"} <= set(res.case.doses)
+    from twinrt.model import approval_status
+
+    assert approval_status(res.case.plans[0]) != "approved"  # written as UNAPPROVED: a human approves
+    report = (out / "report.html").read_text()
+    for heading in ("Contours (AutoContour)", "Dose prediction (DosePredict)", "Clinical goals",
+                    "Digital twin and baseline toxicity risk"):
+        assert heading in report, heading
+    assert "openkbp-oar-unet25d-cpu" in report and "sha256" in report and "LKB NTCP" in report
+    assert "Research use only" in report
+    timeline = CaseTimeline.load(out / "twin")
+    assert timeline.delivered == 0 and timeline.planned_dose == "planned" and timeline.n_fractions == 35
+    rtplans = list((out / "dicom").glob("RTPLAN*.dcm"))
+    assert rtplans
+
+
+def test_unknown_protocol_is_refused_before_any_output(tmp_path):
+    from twinrt.pipeline import PipelineError, run_pipeline
+    from twinrt.sample import sample_dicom_dir
+
+    with pytest.raises(PipelineError, match="Unknown protocol"):
+        run_pipeline(sample_dicom_dir(), tmp_path / "out", protocol="prostate-hypo")
+    assert not (tmp_path / "out").exists()

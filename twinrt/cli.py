@@ -38,11 +38,12 @@ def _print_progress(fraction: float, text: str) -> None:
     print(f"\r[{bar:<30}] {fraction * 100:5.1f}% {text:<40}", end="" if fraction < 1 else "\n", flush=True)
 
 
-def _cmd_run(dicom_dir: Path, out: Path, no_scene: bool, no_plan: bool = False) -> int:
+def _cmd_run(dicom_dir: Path, out: Path, no_scene: bool, no_plan: bool = False, protocol: str | None = None) -> int:
     from twinrt.pipeline import run_pipeline
 
     t0 = time.perf_counter()
-    res = run_pipeline(dicom_dir, out, write_scene=not no_scene, plan=not no_plan, progress=_print_progress)
+    res = run_pipeline(dicom_dir, out, write_scene=not no_scene, plan=not no_plan, progress=_print_progress,
+                       protocol=protocol)
     print()
     print(f"{'stage':<38} {'seconds':>8}  status")
     for name, secs, status in res.timings:
@@ -409,11 +410,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", type=Path, default=Path("twinrt-output"), help="output folder (default twinrt-output)")
     d.add_argument("--no-scene", action="store_true", help="skip the Slicer scene (.mrb)")
     d.add_argument("--no-plan", action="store_true", help="skip planning (only evaluate the doses in the input)")
+    d.add_argument("--protocol", choices=["head-and-neck"], default=None,
+                   help="also run the AI stages: contour, predict, virtual planner, goals, twin and toxicity baseline")
     r = sub.add_parser("run", help="run the All-in-One pipeline on a DICOM patient folder")
     r.add_argument("dicom_dir", type=Path)
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--no-scene", action="store_true", help="skip the Slicer scene (.mrb)")
     r.add_argument("--no-plan", action="store_true", help="skip planning (only evaluate the doses in the input)")
+    r.add_argument("--protocol", choices=["head-and-neck"], default=None,
+                   help="also run the AI stages: contour, predict, virtual planner, goals, twin and toxicity baseline")
     e = sub.add_parser("export", help="write an OpenKBP patient or the TG-119 phantom as DICOM")
     g = e.add_mutually_exclusive_group(required=True)
     g.add_argument("--openkbp", type=Path, help="an OpenKBP pt_N.npz file")
@@ -517,9 +522,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from twinrt.sample import sample_dicom_dir
 
-            return _cmd_run(sample_dicom_dir(), args.out, args.no_scene, args.no_plan)
+            return _cmd_run(sample_dicom_dir(), args.out, args.no_scene, args.no_plan, args.protocol)
         if args.command == "run":
-            return _cmd_run(args.dicom_dir, args.out, args.no_scene, args.no_plan)
+            return _cmd_run(args.dicom_dir, args.out, args.no_scene, args.no_plan, args.protocol)
         if args.command == "export":
             return _cmd_export(args)
         if args.command == "dvh":

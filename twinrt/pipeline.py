@@ -41,6 +41,10 @@ PENDING_STAGES_AFTER_PLAN = [("planning agent and goals (AIPlanner)", "in the AI
                                                                  "not in this run yet (issue 9)")]
 #: Name of the dose of TwinRT's own plan in the case and the outputs.
 PLANNED_DOSE = "planned"
+#: Protocols of ``twinrt run --protocol``: the goal set the virtual planner plans for and the models
+#: (``None``: the shipped default model).
+PROTOCOLS = {"head-and-neck": {"goal_set": "head_and_neck_openkbp", "oar_model": None, "dose_model": None,
+                               "time_budget_s": 240.0}}
 
 
 class PipelineError(TwinRTError):
@@ -139,8 +143,13 @@ def _plan_section(result: Any) -> str:
 
 def run_pipeline(dicom_dir: str | Path, out_dir: str | Path, write_scene: bool = True, plan: bool = True,
                  progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
-                 log: Callable[[str], None] = lambda s: None) -> PipelineResult:
+                 log: Callable[[str], None] = lambda s: None, protocol: Optional[str] = None) -> PipelineResult:
     """Run the pipeline on one DICOM patient folder.
+
+    With a ``protocol`` (a key of :data:`PROTOCOLS`) the AI stages run too: organs at risk are contoured
+    (the user's structures kept), the dose is predicted, the virtual planner plans from the prediction
+    for the protocol's goal set, the goals are evaluated, and the digital twin starts (its timeline and
+    the baseline LKB NTCP of each organ with a toxicity endpoint).
 
     :param dicom_dir: folder with one CT series and optionally RTSTRUCT, RTDOSE, RTPLAN.
     :param out_dir: output folder; gets ``dicom/``, ``scene.mrb``, ``report.html``, ``summary.json``.
@@ -148,6 +157,7 @@ def run_pipeline(dicom_dir: str | Path, out_dir: str | Path, write_scene: bool =
     :param plan: plan the case with AIPlanner's engine when it has a prescription.
     :param progress: ``progress(fraction, text)`` callback.
     :param cancel: cancel token checked between stages.
+    :param protocol: e.g. ``"head-and-neck"``; ``None`` plans from the prescription only.
     :raises PipelineError: naming the stage that failed; files of finished stages are kept.
     """
     from twinrt.dicom.folder import export_case, import_case
@@ -156,11 +166,17 @@ def run_pipeline(dicom_dir: str | Path, out_dir: str | Path, write_scene: bool =
     out = Path(out_dir)
     result: PipelineResult
     timings: list[tuple[str, float, str]] = []
-    steps = 6 + (1 if write_scene else 0)
+    if protocol is not None and protocol not in PROTOCOLS:
+        raise PipelineError("protocol", InvalidInputError(f"Unknown protocol '{protocol}'; choose one of "
+                                                          f"{', '.join(PROTOCOLS)}"))
+    steps = 6 + (1 if write_scene else 0) + (4 if protocol else 0)
     state: dict[str, Any] = {}
 
     def stage(name: str, index: int, fn: Callable[[], Any]) -> Any:
-        report(progress, index / steps, name, cancel)
+        # ``index`` is kept for readability; progress counts the stages actually run.
+        index = state.setdefault("done", 0)
+        state["done"] = index + 1
+        report(progress, min(index / steps, 0.99), name, cancel)
         log(f"[{index + 1}/{steps}] {name}")
         t0 = time.perf_counter()
         try:
@@ -174,10 +190,17 @@ def run_pipeline(dicom_dir: str | Path, out_dir: str | Path, write_scene: bool =
 
     case = stage("import DICOM", 0, lambda: import_case(dicom_dir))
     result = PipelineResult(case)
-    for name, status in PENDING_STAGES_BEFORE_PLAN:
-        timings.append((name, 0.0, status))
     sections: list[Any] = []
-    if plan and case.prescriptions:
+    models: dict[str, str] = {}
+    if protocol:
+        case = _ai_stages(case, PROTOCOLS[protocol], stage, steps, sections, models, plan, cancel)
+        result.case = case
+    else:
+        for name, status in PENDING_STAGES_BEFORE_PLAN:
+            timings.append((name, 0.0, status))
+    if protocol and plan:
+        pass  # planned by the virtual planner above
+    elif plan and case.prescriptions:
         from twinrt.planning.workflow import PlanSetup, plan_case
         from twinrt.report import ReportSection
 
@@ -190,8 +213,12 @@ def run_pipeline(dicom_dir: str | Path, out_dir: str | Path, write_scene: bool =
     else:
         why = "skipped (--no-plan)" if not plan else "skipped: no prescription in the input"
         timings.append(("plan (AIPlanner)", 0.0, why))
-    for name, status in PENDING_STAGES_AFTER_PLAN:
-        timings.append((name, 0.0, status))
+    if protocol:
+        stage("digital twin and toxicity baseline", steps - 5 - (1 if write_scene else 0),
+              lambda: _twin_stage(case, out, sections))
+    else:
+        for name, status in PENDING_STAGES_AFTER_PLAN:
+            timings.append((name, 0.0, status))
     if not case.doses:
         raise PipelineError("evaluate dose", InvalidInputError(
             f"{dicom_dir} has no RTDOSE and no prescription to plan from; add an RTDOSE or an RTPLAN with a "
@@ -215,7 +242,8 @@ def run_pipeline(dicom_dir: str | Path, out_dir: str | Path, write_scene: bool =
         provenance={"TwinRT": twinrt.__version__, "input": str(dicom_dir), "doses": ", ".join(case.doses),
                     "data source": str(case.metadata.get("citation", case.metadata.get("source", ""))),
                     "dose engine": "TwinRT photon pencil beam (SVD kernels, matRad generic 6 MV machine data)",
-                    "AI models": "none at this stage (AI stages not available yet)"},
+                    "AI models": "; ".join(f"{k}: {v}" for k, v in models.items()) or "none (no --protocol)",
+                    "protocol": protocol or "none (plan from the prescription)"},
         outputs=[(k, os.path.relpath(v, out)) for k, v in result.outputs.items()] + [("report", "report.html")],
         sections=sections)
     result.outputs["report"] = out / "report.html"
@@ -223,6 +251,131 @@ def run_pipeline(dicom_dir: str | Path, out_dir: str | Path, write_scene: bool =
     result.timings = timings
     report(progress, 1.0, "done")
     return result
+
+
+def _ai_stages(case: Case, protocol: dict[str, Any], stage: Callable[[str, int, Callable[[], Any]], Any], steps: int,
+               sections: list[Any], models: dict[str, str], plan: bool, cancel: Optional[CancelToken]) -> Case:
+    """Contour, predict, plan with the virtual planner from the prediction, evaluate the goals."""
+    import html as _html
+
+    from twinrt.report import ReportSection, metrics_table_html
+
+    def contour() -> Case:
+        from twinrt.autocontour.oar import contour_case
+
+        new, res, actions = contour_case(case, model=protocol["oar_model"], mc_samples=0, cancel=cancel)
+        models["organs at risk"] = f"{res.model_id} (sha256 {res.sha256[:12]}…)"
+        rows = [{"organ": k, "action": v} for k, v in actions.items()]
+        sections.append(ReportSection("Contours (AutoContour)", "<p>Model " + _html.escape(models["organs at risk"])
+                                      + "; the patient's own structures are kept. Research use only: review every "
+                                        "AI contour.</p>" + metrics_table_html(rows)))
+        return new
+
+    case = stage("contour (AutoContour)", 1, contour)
+
+    def predict() -> Any:
+        from twinrt.dosepredict.predict import predict_case
+
+        res = predict_case(case, protocol["dose_model"], cancel=cancel)
+        res.add_to_case(case)
+        models["dose prediction"] = f"{res.model_id} (sha256 {res.sha256[:12]}…)"
+        note = "".join(f"<li>{_html.escape(w)}</li>" for w in res.warnings)
+        std = case.doses.get("predicted_std")
+        unc = (f"<p>Prediction uncertainty (MC dropout, {res.mc_samples} passes): mean standard deviation "
+               f"{float(std.array[case.doses['predicted'].array > 1].mean()):.2f} Gy where the prediction "
+               "exceeds 1 Gy.</p>") if std is not None else ""
+        sections.append(ReportSection("Dose prediction (DosePredict)", "<p>Model "
+                                      + _html.escape(models["dose prediction"]) + ".</p>" + unc
+                                      + (f"<ul>{note}</ul>" if note else "")))
+        return res
+
+    prediction = stage("dose prediction (DosePredict)", 2, predict)
+    if not plan:
+        return case
+    if not case.prescriptions:
+        raise PipelineError("plan (AIPlanner virtual planner)", InvalidInputError(
+            "The patient has no prescription (RTPLAN); the protocol needs one to plan"))
+
+    def agent() -> Any:
+        from twinrt.planning.agent import virtual_planner
+        from twinrt.planning.evaluation import load_goal_set
+        from twinrt.planning.kbp import mimicking_objectives
+        from twinrt.planning.workflow import PlanSetup
+
+        goal_set = load_goal_set(protocol["goal_set"])
+        objectives = mimicking_objectives(case, with_uncertainty=prediction.std is not None)
+        refs = {k: case.doses[k] for k in ("predicted", "predicted_std") if k in case.doses}
+        return virtual_planner(case, goal_set, setup=PlanSetup(dose_grid_mm=None), objectives=objectives,
+                               time_budget_s=protocol["time_budget_s"], cancel=cancel, reference_doses=refs)
+
+    result = stage("plan (AIPlanner virtual planner)", 3, agent)
+    case.doses[PLANNED_DOSE] = result.planning.dose
+    case.plans = [result.planning.plan]
+    sections.append(ReportSection("Plan (AIPlanner virtual planner)", _plan_section(result.planning)
+                                  + f"<p>{result.rounds} round(s), delivered round {result.best_round} "
+                                    f"({_html.escape(result.stop_reason)}), {result.seconds:.0f} s.</p>"))
+
+    def goals() -> Any:
+        from twinrt.planning.evaluation import evaluate_plan
+
+        ev = evaluate_plan(case, case.doses[PLANNED_DOSE], protocol["goal_set"], result.planning.plan)
+        rows = [{"structure": r.goal.structure, "goal": f"{r.goal.metric} {r.goal.comparator} {r.goal.value:g} "
+                 f"{r.goal.unit}", "priority": r.goal.priority,
+                 "value": None if r.value is None else round(r.value, 2),
+                 "result": "not evaluable" if r.passed is None else ("pass" if r.passed else "FAIL")}
+                for r in ev.results]
+        deliver = ev.deliverability or {}
+        body = (f"<p>Goal set {_html.escape(ev.goal_set)}: must goals "
+                f"<b>{'all met' if ev.must_passed else 'NOT all met'}</b>, score {ev.score:.1f}.</p>"
+                + metrics_table_html(rows)
+                + ("<h3>Deliverability</h3>" + metrics_table_html(
+                    [{"item": k, "value": v} for k, v in deliver.items() if isinstance(v, (int, float))])
+                   if deliver else ""))
+        sections.append(ReportSection("Clinical goals", body))
+        return ev
+
+    stage("evaluate goals", 4, goals)
+    del steps
+    return case
+
+
+def _twin_stage(case: Case, out: Path, sections: list[Any]) -> None:
+    """Start the digital twin (timeline saved in ``out/twin``) and report the baseline LKB NTCP per organ."""
+    import datetime as _dt
+
+    import numpy as np_
+
+    from twinrt.radiobiology import LKB_PARAMETERS, LKB_SET_FOR_ENDPOINT, alpha_beta_map, geud, lkb_ntcp
+    from twinrt.report import ReportSection, metrics_table_html
+    from twinrt.toxicity.features import endpoint_for
+    from twinrt.twin.timeline import CaseTimeline
+
+    n = max((p.fractions for p in case.prescriptions), default=0)
+    if PLANNED_DOSE not in case.doses or n < 1:
+        sections.append(ReportSection("Digital twin", "<p>Not started: no plan with a prescription.</p>"))
+        return
+    timeline = CaseTimeline(case, PLANNED_DOSE, n, _dt.date.today().isoformat())
+    timeline.save(out / "twin")
+    grid = case.ct.grid
+    dose = case.doses[PLANNED_DOSE].resampled(grid).array.astype(np_.float64)
+    ab = alpha_beta_map(grid.shape, [s for s in case.structures if s.grid.is_same(grid)])
+    rows = []
+    for s in case.structures:
+        endpoint = endpoint_for(s.name) if s.type.value == "ORGAN" else None
+        if not endpoint or s.is_empty:
+            continue
+        m = s.on_grid(grid)
+        d, a = dose[m], ab[m]
+        eqd2 = d * (1 + d / n / a) / (1 + 2 / a)
+        set_name = LKB_SET_FOR_ENDPOINT[endpoint]
+        par = LKB_PARAMETERS[set_name]
+        g = geud(eqd2, np_.ones(eqd2.size), par.n)
+        rows.append({"organ": s.name, "endpoint": endpoint, "gEUD EQD2 (Gy)": round(float(g), 2),
+                     "LKB NTCP": round(float(lkb_ntcp(g, par.td50_gy, par.m)), 3), "parameter set": set_name})
+    sections.append(ReportSection("Digital twin and baseline toxicity risk",
+                                  f"<p>Twin started for {n} fractions (timeline in <code>twin/</code>; feed it the "
+                                  "daily images with <code>twinrt twin run</code>). Baseline risk: LKB NTCP of the "
+                                  "planned dose as EQD2.</p>" + metrics_table_html(rows)))
 
 
 def _json_default(o: Any) -> Any:
