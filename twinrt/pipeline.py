@@ -345,7 +345,8 @@ def _twin_stage(case: Case, out: Path, sections: list[Any]) -> None:
 
     import numpy as np_
 
-    from twinrt.radiobiology import LKB_PARAMETERS, LKB_SET_FOR_ENDPOINT, alpha_beta_map, geud, lkb_ntcp
+    from twinrt.radiobiology import (LKB_PARAMETERS, LKB_SET_FOR_ENDPOINT, alpha_beta_map, bed_uniform, eqd2, geud,
+                                     lkb_ntcp_from_voxels)
     from twinrt.report import ReportSection, metrics_table_html
     from twinrt.toxicity.features import endpoint_for
     from twinrt.twin.timeline import CaseTimeline
@@ -365,13 +366,11 @@ def _twin_stage(case: Case, out: Path, sections: list[Any]) -> None:
         if not endpoint or s.is_empty:
             continue
         m = s.on_grid(grid)
-        d, a = dose[m], ab[m]
-        eqd2 = d * (1 + d / n / a) / (1 + 2 / a)
+        planned_eqd2 = eqd2(bed_uniform(dose[m], n, ab[m]), ab[m])
         set_name = LKB_SET_FOR_ENDPOINT[endpoint]
-        par = LKB_PARAMETERS[set_name]
-        g = geud(eqd2, np_.ones(eqd2.size), par.n)
+        g = geud(planned_eqd2, np_.ones(planned_eqd2.size), LKB_PARAMETERS[set_name].n)
         rows.append({"organ": s.name, "endpoint": endpoint, "gEUD EQD2 (Gy)": round(float(g), 2),
-                     "LKB NTCP": round(float(lkb_ntcp(g, par.td50_gy, par.m)), 3), "parameter set": set_name})
+                     "LKB NTCP": round(lkb_ntcp_from_voxels(planned_eqd2, set_name), 3), "parameter set": set_name})
     sections.append(ReportSection("Digital twin and baseline toxicity risk",
                                   f"<p>Twin started for {n} fractions (timeline in <code>twin/</code>; feed it the "
                                   "daily images with <code>twinrt twin run</code>). Baseline risk: LKB NTCP of the "

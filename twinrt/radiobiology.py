@@ -73,11 +73,19 @@ def bed_from_fractions(fraction_doses: Iterable[np.ndarray | float], alpha_beta_
     return total
 
 
-def bed_uniform(total_dose_gy: float | np.ndarray, n_fractions: int, alpha_beta_gy: float) -> np.ndarray | float:
-    """BED (Gy) of ``total_dose_gy`` given in ``n_fractions`` equal fractions."""
+def _check_ab_map(alpha_beta_gy: float | np.ndarray) -> np.ndarray:
+    ab = np.asarray(alpha_beta_gy, dtype=np.float64)
+    if not np.isfinite(ab).all() or (ab <= 0).any():
+        raise InvalidInputError("α/β must be positive numbers of Gy")
+    return ab
+
+
+def bed_uniform(total_dose_gy: float | np.ndarray, n_fractions: int, alpha_beta_gy: float | np.ndarray
+                ) -> np.ndarray | float:
+    """BED (Gy) of ``total_dose_gy`` given in ``n_fractions`` equal fractions (α/β a number or per voxel)."""
     if int(n_fractions) != n_fractions or n_fractions < 1:
         raise InvalidInputError(f"The number of fractions must be a positive integer, got {n_fractions!r}")
-    ab = _check_ab(alpha_beta_gy)
+    ab = _check_ab_map(alpha_beta_gy)
     total = _check_dose(total_dose_gy, "total dose")
     out = total * (1.0 + total / n_fractions / ab)
     return float(out) if out.ndim == 0 else out
@@ -85,9 +93,7 @@ def bed_uniform(total_dose_gy: float | np.ndarray, n_fractions: int, alpha_beta_
 
 def eqd2(bed_gy: float | np.ndarray, alpha_beta_gy: float | np.ndarray) -> np.ndarray | float:
     """EQD2 (Gy): the total dose in 2 Gy fractions with the BED ``bed_gy``."""
-    ab = np.asarray(alpha_beta_gy, dtype=np.float64)
-    if not np.isfinite(ab).all() or (ab <= 0).any():
-        raise InvalidInputError("α/β must be positive numbers of Gy")
+    ab = _check_ab_map(alpha_beta_gy)
     out = _check_dose(bed_gy, "BED") / (1.0 + 2.0 / ab)
     return float(out) if np.ndim(out) == 0 else out
 

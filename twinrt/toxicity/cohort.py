@@ -48,6 +48,7 @@ import numpy as np
 from twinrt.errors import InvalidInputError
 from twinrt.model import Case, Dose, Image, Structure, StructureType
 from twinrt.progress import CancelToken, ProgressCallback, report
+from twinrt.radiobiology import ALPHA_BETA_GY
 from twinrt.toxicity.trajectory import Cohort, OrganTrajectory
 
 #: Organs followed and their endpoints (OpenKBP / TG-263 spellings are both recognised).
@@ -188,7 +189,7 @@ def simulate_patient(case: Case, patient_id: str, seed: int, n_fractions: int = 
                   * float(np.exp(rng.normal(0.0, truth.threshold_log_sd))) for s in followed}
     masks = {s.name: s.mask for s in followed}
     bed_truth = {s.name: np.zeros(int(s.mask.sum())) for s in followed}
-    ab = 3.0  # late-responding normal tissue (twinrt.radiobiology.ALPHA_BETA_GY["late"])
+    ab = ALPHA_BETA_GY["late"]  # late-responding normal tissue
 
     def organ_changes(f: int) -> dict[str, tuple[float, float]]:
         out = {}

@@ -473,7 +473,7 @@ def trajectories_from_twin(twin: Any, organs: Optional[Sequence[str]] = None,
     """
     if ct_baseline not in ("first", "planning"):
         raise InvalidInputError(f"ct_baseline must be 'first' or 'planning', got {ct_baseline!r}")
-    from twinrt.radiobiology import geud
+    from twinrt.radiobiology import bed_uniform, eqd2, geud
 
     tl = twin.timeline
     case = tl.planning
@@ -510,10 +510,8 @@ def trajectories_from_twin(twin: Any, organs: Optional[Sequence[str]] = None,
         lkb_set, n = _lkb_for(s.name, endpoint)
         # LKB parameters are fitted to 2-Gy-equivalent doses: the plan's EQD2 per voxel (its fraction
         # size, the organ's α/β) is what the baseline uses.
-        physical = twin.planned_gy[mask].astype(np.float64)
         ab = twin.alpha_beta[mask].astype(np.float64)
-        per_fraction = physical / int(tl.n_fractions)
-        planned = physical * (1.0 + per_fraction / ab) / (1.0 + 2.0 / ab)
+        planned = eqd2(bed_uniform(twin.planned_gy[mask].astype(np.float64), int(tl.n_fractions), ab), ab)
         summary = {"mean_gy": float(planned.mean()), "geud_gy": geud(planned, np.ones(planned.size), n),
                    "lkb_set": lkb_set}
         organs_info.append({"structure": s, "endpoint": endpoint, "box": box, "mask": mask[box], "n": n,

@@ -36,7 +36,7 @@ import numpy as np
 from twinrt.errors import InvalidInputError
 from twinrt.model import Dose
 from twinrt.progress import CancelToken, ProgressCallback, report
-from twinrt.radiobiology import alpha_beta_map
+from twinrt.radiobiology import alpha_beta_map, bed_uniform, eqd2
 from twinrt.twin.registration import (RegistrationError, RegistrationSettings, propagation_dice,
                                       register)
 from twinrt.twin.timeline import CaseTimeline, Fraction, FractionRecord, parse_date
@@ -162,7 +162,7 @@ class DigitalTwin:
 
     def accumulated_eqd2(self) -> Dose:
         """Delivered EQD2 so far (Gy)."""
-        return Dose(self.bed_gy / (1.0 + 2.0 / self.alpha_beta), self.grid, "accumulated EQD2", dose_type="EFFECTIVE",
+        return Dose(eqd2(self.bed_gy, self.alpha_beta), self.grid, "accumulated EQD2", dose_type="EFFECTIVE",
                     summation="MULTI_FRACTION", source="EQD2 = BED / (1 + 2 / (alpha/beta))")
 
     def planned_to_date(self, fractions: Optional[int] = None) -> Dose:
@@ -180,8 +180,8 @@ class DigitalTwin:
     def projected_bed(self) -> Dose:
         """Projected end-of-course BED (Gy), same assumption as :meth:`projected_dose`."""
         if not self.timeline.records:
-            d = self.planned_gy / self.n_fractions
-            return Dose(self.n_fractions * d * (1 + d / self.alpha_beta), self.grid, "projected BED", "EFFECTIVE")
+            return Dose(bed_uniform(self.planned_gy, self.n_fractions, self.alpha_beta), self.grid, "projected BED",
+                        "EFFECTIVE")
         last = self.timeline.records[-1].warped_dose_gy
         rest = (self.n_fractions - self.delivered) * last * (1 + last / self.alpha_beta)
         return Dose(self.bed_gy + rest, self.grid, "projected BED", "EFFECTIVE")
