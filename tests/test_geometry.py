@@ -89,3 +89,16 @@ def test_subgrid_positions_match_parent():
     sub = g.subgrid(1, 4, 2, 5, 3, 6)
     assert sub.shape == (3, 3, 3)
     assert np.allclose(sub.index_to_lps([0, 0, 0]), g.index_to_lps([3, 2, 1]))
+
+
+def test_sampling_at_voxel_centres_returns_the_array():
+    import numpy as np
+
+    from twinrt.geometry import Grid, sample_at_lps, voxel_centres_lps
+
+    grid = Grid((4, 5, 6), (1.5, 2.0, 3.0), (10.0, -4.0, 2.0))
+    arr = np.random.default_rng(0).random(grid.shape).astype(np.float32)
+    pts = voxel_centres_lps(grid)
+    assert pts.shape == (4, 5, 6, 3) and np.allclose(pts[1, 2, 3], grid.index_to_lps(np.array([3.0, 2.0, 1.0])))
+    assert np.allclose(sample_at_lps(arr, grid, pts), arr, atol=1e-6)
+    assert sample_at_lps(arr, grid, pts + 1000.0, fill_value=-7.0).min() == -7.0

@@ -193,3 +193,27 @@ def resample_array(array: np.ndarray, source: Grid, target: Grid, order: int = 1
     out = ndimage.affine_transform(data, mat, offset=off, output_shape=target.shape, order=order,
                                    mode="constant", cval=fill_value, prefilter=False)
     return out
+
+
+def voxel_centres_lps(grid: Grid) -> np.ndarray:
+    """The LPS position (mm) of every voxel centre of ``grid``: (nk, nj, ni, 3) float32."""
+    kk, jj, ii = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in grid.shape), indexing="ij")
+    m = grid.ijk_to_lps().astype(np.float32)
+    return np.stack([ii, jj, kk], -1) @ m[:3, :3].T + m[:3, 3]
+
+
+def sample_at_lps(array: np.ndarray, grid: Grid, points_lps: np.ndarray, order: int = 1, fill_value: float = 0.0,
+                  mode: str = "constant") -> np.ndarray:
+    """``array`` (on ``grid``) sampled at arbitrary LPS positions (mm), e.g. the points of a deformation.
+
+    :param points_lps: (..., 3) positions; the result has their leading shape.
+    :param order: 0 nearest neighbour, 1 trilinear (scipy.ndimage.map_coordinates, no prefilter).
+    :param fill_value: value outside ``grid`` (``mode="constant"``); ``mode="nearest"`` extends the edge.
+    """
+    from scipy import ndimage
+
+    m = grid.lps_to_ijk().astype(np.float32)
+    ijk = np.asarray(points_lps, dtype=np.float32) @ m[:3, :3].T + m[:3, 3]
+    data = np.asarray(array, dtype=np.float32) if order > 0 else np.asarray(array)
+    return ndimage.map_coordinates(data, np.stack([ijk[..., 2], ijk[..., 1], ijk[..., 0]]), order=order, mode=mode,
+                                   cval=fill_value, prefilter=False)

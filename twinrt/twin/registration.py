@@ -36,7 +36,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from twinrt.errors import InvalidInputError, TwinRTError
-from twinrt.geometry import Grid
+from twinrt.geometry import Grid, sample_at_lps, voxel_centres_lps
 from twinrt.model import Image
 
 
@@ -86,11 +86,7 @@ class Registration:
 
     def mapped_points(self) -> np.ndarray:
         """``φ(x)`` for every planning voxel centre: (nk, nj, ni, 3) LPS positions (mm) in the fraction."""
-        g = self.fixed_grid
-        kk, jj, ii = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in g.shape), indexing="ij")
-        ijk = np.stack([ii, jj, kk], -1)
-        m = g.ijk_to_lps().astype(np.float32)
-        pts = ijk @ m[:3, :3].T + m[:3, 3]
+        pts = voxel_centres_lps(self.fixed_grid)
         if self.displacement_mm is not None:
             pts += np.moveaxis(self.displacement_mm, 0, -1)
         t = self.rigid_matrix.astype(np.float32)
@@ -103,16 +99,9 @@ class Registration:
         :param points: :meth:`mapped_points`, when already computed (saves ~0.2 s per call).
         :return: (nk, nj, ni) float32 on :attr:`fixed_grid` (``fill_value`` outside ``grid``).
         """
-        from scipy import ndimage
-
         grid.check_array(array, "array to pull back")
         pts = self.mapped_points() if points is None else points
-        m = grid.lps_to_ijk().astype(np.float32)
-        ijk = pts @ m[:3, :3].T + m[:3, 3]
-        coords = np.stack([ijk[..., 2], ijk[..., 1], ijk[..., 0]])
-        data = array.astype(np.float32) if order > 0 else array
-        return ndimage.map_coordinates(data, coords, order=order, mode="constant", cval=fill_value,
-                                       prefilter=False).astype(np.float32, copy=False)
+        return sample_at_lps(array, grid, pts, order, fill_value).astype(np.float32, copy=False)
 
 
 def to_sitk(image: Image | np.ndarray, grid: Optional[Grid] = None) -> Any:
@@ -317,8 +306,6 @@ def propagation_dice(reg: Registration, planning: Sequence[Any], fraction: Seque
     :param fraction: the day's structures (on the fraction image's grid), matched by name.
     :param points: :meth:`Registration.mapped_points`, when already computed.
     """
-    from scipy import ndimage
-
     pts = reg.mapped_points() if points is None else points
     by_name = {s.name.lower(): s for s in fraction}
     grid = reg.fixed_grid
@@ -331,10 +318,7 @@ def propagation_dice(reg: Registration, planning: Sequence[Any], fraction: Seque
         idx = np.nonzero(s.mask)
         box = tuple(slice(max(int(i.min()) - p, 0), min(int(i.max()) + p + 1, n))
                     for i, p, n in zip(idx, pad, grid.shape))
-        m = day.grid.lps_to_ijk().astype(np.float32)
-        ijk = pts[box] @ m[:3, :3].T + m[:3, 3]
-        back = ndimage.map_coordinates(day.mask.astype(np.float32), np.stack([ijk[..., 2], ijk[..., 1], ijk[..., 0]]),
-                                       order=1, mode="constant", cval=0.0, prefilter=False) >= 0.5
+        back = sample_at_lps(day.mask, day.grid, pts[box]) >= 0.5
         d = structure_dice(s.mask[box], back)
         if d is not None:
             out[s.name] = round(d, 4)

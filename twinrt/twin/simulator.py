@@ -48,6 +48,7 @@ from typing import Any, Callable, Mapping, Optional
 import numpy as np
 
 from twinrt.errors import InvalidInputError
+from twinrt.geometry import sample_at_lps, voxel_centres_lps
 from twinrt.model import Case, Dose, Image, Prescription, Structure, StructureType
 from twinrt.twin.timeline import CaseTimeline, Fraction, parse_date
 
@@ -126,22 +127,6 @@ class CourseSettings:
     observation_sd: float = 0.08
     response: Any = None
     seed: int = 0
-
-
-def _points(grid: Any) -> np.ndarray:
-    kk, jj, ii = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in grid.shape), indexing="ij")
-    m = grid.ijk_to_lps().astype(np.float32)
-    return np.stack([ii, jj, kk], -1) @ m[:3, :3].T + m[:3, 3]
-
-
-def _sample(array: np.ndarray, grid: Any, points: np.ndarray, order: int = 1, cval: float = 0.0,
-            mode: str = "constant") -> np.ndarray:
-    from scipy import ndimage
-
-    m = grid.lps_to_ijk().astype(np.float32)
-    ijk = points @ m[:3, :3].T + m[:3, 3]
-    return ndimage.map_coordinates(array, np.stack([ijk[..., 2], ijk[..., 1], ijk[..., 0]]), order=order,
-                                   mode=mode, cval=cval, prefilter=False)
 
 
 def _rotation(angles_rad: np.ndarray) -> np.ndarray:
@@ -224,7 +209,7 @@ class CourseSimulator:
         self.model_volumes_cc = np.asarray(vols.total_cc).reshape(-1)
         self.observed_volumes_cc = self.model_volumes_cc * np.exp(rng.normal(0.0, settings.observation_sd,
                                                                              len(self.days)))
-        self.points = _points(self.grid)
+        self.points = voxel_centres_lps(self.grid)
         self.tumour_centre = self.points[self.tumour.mask].mean(axis=0)
         self.tumour_radius = (3 * self.tumour.volume_cc * 1000 / (4 * np.pi)) ** (1 / 3)
         body = ndimage.binary_fill_holes(case.ct.array > -300)
@@ -311,7 +296,7 @@ class CourseSimulator:
         comps = [np.ascontiguousarray(wfield[..., a]) for a in range(3)]
 
         def w_at(p: np.ndarray) -> np.ndarray:
-            return np.stack([_sample(c, self.grid, p, 1, 0.0, "nearest") for c in comps], -1)
+            return np.stack([sample_at_lps(c, self.grid, p, 1, 0.0, "nearest") for c in comps], -1)
 
         x = y - wfield
         for _ in range(iterations):
@@ -328,8 +313,8 @@ class CourseSimulator:
         phi, truth = self._forward_map(f, rng)
         psi, residual = self._inverse(phi)
         ct = self.case.ct
-        img = _sample(ct.array.astype(np.float32), ct.grid, psi, 1, -1000.0)
-        structures = [Structure(st.name, _sample(st.mask.astype(np.float32), st.grid, psi, 1, 0.0) >= 0.5,
+        img = sample_at_lps(ct.array.astype(np.float32), ct.grid, psi, 1, -1000.0)
+        structures = [Structure(st.name, sample_at_lps(st.mask.astype(np.float32), st.grid, psi, 1, 0.0) >= 0.5,
                                 self.grid, st.color, st.type) for st in self.case.structures]
         for name, (_, hu_shift) in truth.get("organ_changes", {}).items():
             if hu_shift:
@@ -337,7 +322,7 @@ class CourseSimulator:
         if self.settings.image_noise_hu > 0:
             img += rng.normal(0.0, self.settings.image_noise_hu, img.shape).astype(np.float32)
         image = Image(np.clip(np.rint(img), -1024, 3071).astype(np.int16), self.grid, "CT")
-        warped = _sample(self.fraction_dose.array, self.fraction_dose.grid, phi, 1, 0.0)
+        warped = sample_at_lps(self.fraction_dose.array, self.fraction_dose.grid, phi, 1, 0.0)
         truth.update({"inverse_residual_mm": residual,
                       "model_tumour_cc": float(self.model_volumes_cc[f - 1]),
                       "observed_tumour_cc": float(self.observed_volumes_cc[f - 1]),
