@@ -209,6 +209,7 @@ def sample_at_lps(array: np.ndarray, grid: Grid, points_lps: np.ndarray, order: 
     :param points_lps: (..., 3) positions; the result has their leading shape.
     :param order: 0 nearest neighbour, 1 trilinear (scipy.ndimage.map_coordinates, no prefilter).
     :param fill_value: value outside ``grid`` (``mode="constant"``); ``mode="nearest"`` extends the edge.
+        Positions are float32: a point on the grid's last centre may round just outside it.
     """
     from scipy import ndimage
 
