@@ -611,8 +611,6 @@ class DigitalTwinLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
             ``goalTrendTable``, ``goalChart``, ``tumourObservedTable``, ``tumourPredictedTable``,
             ``tumourChart``, ``studyItem``, ``updates`` and ``warnings``.
         """
-        from twinrt.radiobiology import bed_from_fractions
-
         from TwinRTCommon import mrmlio
 
         twin, scene, study = self.twin, self.scene, self.studyItem
@@ -626,12 +624,9 @@ class DigitalTwinLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
                 sequences[role] = (twinScene.findOutput(scene, study, role, "vtkMRMLSequenceNode")
                                    or twinScene.addSequence(scene, study, role, patientId, source))
             present = set(twinScene.sequenceIndexValues(sequences[twinScene.ROLE_IMAGES]))
-            bed = None
-            for fraction, record in zip(timeline.fractions, timeline.records):
-                # The running BED is summed over every fraction so that the item of fraction n holds the
-                # BED accumulated up to n, also when earlier items were written by an earlier update.
-                term = bed_from_fractions([record.warped_dose_gy], twin.alpha_beta)
-                bed = term if bed is None else bed + term
+            # The item of fraction n holds the BED accumulated up to n (the core's running sum), also when
+            # earlier items were written by an earlier update.
+            for fraction, (record, bed) in zip(timeline.fractions, twin.bed_by_fraction()):
                 if record.number in present:
                     continue
                 twinScene.appendVolume(sequences[twinScene.ROLE_IMAGES], record.number, fraction.image.array,

@@ -415,6 +415,8 @@ def test_trajectories_from_a_minimal_thorax_twin():
     without image structures; a stand-in twin with the attributes the function reads."""
     from types import SimpleNamespace
 
+    from twinrt.twin.twin import DigitalTwin
+
     grid = Grid((8, 10, 12), (3.0, 3.0, 3.0))
     k, j, i = np.indices(grid.shape)
     heart = (abs(k - 4) < 2) & (abs(j - 5) < 3) & (i < 4)
@@ -432,6 +434,7 @@ def test_trajectories_from_a_minimal_thorax_twin():
     timeline = SimpleNamespace(planning=planning, fractions=days, records=records, patient_id="T1", n_fractions=30)
     ab = np.full(grid.shape, 3.0, np.float32)
     twin = SimpleNamespace(timeline=timeline, grid=grid, alpha_beta=ab, planned_gy=dose * 30)
+    twin.bed_by_fraction = lambda: DigitalTwin.bed_by_fraction(twin)  # the twin's running BED, on the stand-in
     trs = trajectories_from_twin(twin)
     assert [(t.organ, t.endpoint, t.planned["lkb_set"]) for t in trs] == [
         ("Heart", "cardiac", "heart_pericarditis_burman1991"),

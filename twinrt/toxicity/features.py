@@ -517,11 +517,7 @@ def trajectories_from_twin(twin: Any, organs: Optional[Sequence[str]] = None,
         organs_info.append({"structure": s, "endpoint": endpoint, "box": box, "mask": mask[box], "n": n,
                             "planned": summary, "rows": []})
 
-    bed = np.zeros(grid.shape, np.float32)
-    ab = twin.alpha_beta
-    for frac, rec in zip(tl.fractions, tl.records):
-        d = rec.warped_dose_gy
-        bed += d * (1.0 + d / ab)  # as DigitalTwin._accumulate (float32): the last one equals twin.bed_gy
+    for frac, (_, bed) in zip(tl.fractions, twin.bed_by_fraction()):
         for info in organs_info:
             day = _day_structure(frac, info["structure"].name)
             feats = organ_fraction_features(bed[info["box"]], info["mask"], grid,

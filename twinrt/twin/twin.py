@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -86,6 +86,11 @@ class FractionUpdate:
     goals: list[dict[str, Any]]
     warnings: list[str]
     response: Optional[dict[str, Any]] = None
+
+
+def fraction_bed(dose_gy: np.ndarray, alpha_beta_gy: np.ndarray) -> np.ndarray:
+    """BED (Gy) of one fraction: ``d (1 + d / (α/β))`` voxel by voxel (the twin's float32 arithmetic)."""
+    return dose_gy * (1.0 + dose_gy / alpha_beta_gy)
 
 
 def posterior_summary(posterior: Any, level: float = 0.9) -> dict[str, Any]:
@@ -148,7 +153,18 @@ class DigitalTwin:
 
     def _accumulate(self, d: np.ndarray) -> None:
         self.physical_gy += d
-        self.bed_gy += d * (1.0 + d / self.alpha_beta)
+        self.bed_gy += fraction_bed(d, self.alpha_beta)
+
+    def bed_by_fraction(self) -> Iterator[tuple[FractionRecord, np.ndarray]]:
+        """Each accepted fraction's record with the BED accumulated up to it (Gy, planning grid, float32).
+
+        One running array is updated in place and yielded each time: copy it to keep it. After the last
+        fraction it equals :attr:`bed_gy` exactly (same arithmetic as the update).
+        """
+        bed = np.zeros(self.grid.shape, np.float32)
+        for record in self.timeline.records:
+            bed += fraction_bed(record.warped_dose_gy, self.alpha_beta)
+            yield record, bed
 
     def accumulated_dose(self) -> Dose:
         """Delivered physical dose so far on the planning grid (Gy)."""
