@@ -449,30 +449,19 @@ class DigitalTwinLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
     def fractionFromScene(self, imageVolume, number: Optional[int] = None, date: Optional[str] = None,
                           segmentation=None, doseVolume=None):
         """Today's :class:`twinrt.twin.timeline.Fraction` read from scene nodes (see :meth:`addFraction`)."""
-        import numpy as np
-
-        from twinrt.model import Image, Structure, StructureType
         from twinrt.twin.timeline import Fraction
 
         from TwinRTCommon import mrmlio
 
         twin = self._requireTwin()
         checkCtVolume(imageVolume, _("fraction image"))
-        mrmlio.checkNoTransform(imageVolume)
-        grid = mrmlio.volumeGrid(imageVolume)
-        image = Image(np.array(slicer.util.arrayFromVolume(imageVolume), copy=True), grid,
-                      imageVolume.GetAttribute(mrmlio.MODALITY_ATTRIBUTE) or "CT")
+        image = mrmlio.imageFromVolume(imageVolume)
         if segmentation is None:
             segmentation = self.findSegmentation(imageVolume)
         structures = []
         if segmentation is not None:
             checkSegmentation(segmentation, imageVolume)
-            segments = segmentation.GetSegmentation()
-            for index in range(segments.GetNumberOfSegments()):
-                segmentId = segments.GetNthSegmentID(index)
-                name = segments.GetSegment(segmentId).GetName()
-                structures.append(Structure(name, mrmlio.segmentMask(segmentation, segmentId, imageVolume), grid,
-                                            type=StructureType.guess(name)))
+            structures = mrmlio.structuresFromSegmentation(segmentation, imageVolume)
         dose = None
         if doseVolume is not None:
             checkDoseVolume(doseVolume)

@@ -885,6 +885,43 @@ def doseFromVolume(node, name: Optional[str] = None, scale: float = 1.0) -> Dose
                 node.GetAttribute(DOSE_SUMMATION_ATTRIBUTE) or "PLAN", node.GetAttribute(DOSE_SOURCE_ATTRIBUTE) or "")
 
 
+def imageFromVolume(volumeNode) -> Image:
+    """The volume as an :class:`Image` (a copy of its voxels, its grid in LPS, its modality tag; default CT).
+
+    :raises GeometryError: the volume is under a transform.
+    """
+    checkNoTransform(volumeNode)
+    # arrayFromVolume is a view on VTK memory; copy so the image outlives the node.
+    return Image(np.array(slicer.util.arrayFromVolume(volumeNode), copy=True), volumeGrid(volumeNode),
+                 volumeNode.GetAttribute(MODALITY_ATTRIBUTE) or "CT")
+
+
+def structuresFromSegmentation(segmentationNode, referenceVolume) -> list[Structure]:
+    """Every segment as a :class:`Structure` on ``referenceVolume``'s grid (type from the segment's tag,
+    else guessed from its name; colour from the segment).
+
+    :raises GeometryError: the segmentation is under a transform.
+    """
+    checkNoTransform(segmentationNode)
+    grid = volumeGrid(referenceVolume)
+    segmentation = segmentationNode.GetSegmentation()
+    structures = []
+    for index in range(segmentation.GetNumberOfSegments()):
+        segmentId = segmentation.GetNthSegmentID(index)
+        segment = segmentation.GetSegment(segmentId)
+        name = segment.GetName()
+        # The tag holds the enum name; segments made in Segment Editor have none, so guess.
+        typeName = vtk.reference("")
+        if segment.GetTag(STRUCTURE_TYPE_TAG, typeName) and str(typeName) in StructureType.__members__:
+            stype = StructureType[str(typeName)]
+        else:
+            stype = StructureType.guess(name)
+        color = tuple(int(round(c * 255)) for c in segment.GetColor())
+        structures.append(Structure(name, segmentMask(segmentationNode, segmentId, referenceVolume), grid, color,
+                                    stype))
+    return structures
+
+
 def sceneToCase(scene=None, ctVolumeNode=None, segmentationNode=None) -> Case:
     """Read a case back from a scene written by :func:`caseToScene` (or loaded by SlicerRT).
 
@@ -903,33 +940,14 @@ def sceneToCase(scene=None, ctVolumeNode=None, segmentationNode=None) -> Case:
     ct = ctVolumeNode if ctVolumeNode is not None else findCtVolume(scene)
     if not ct.IsA("vtkMRMLScalarVolumeNode") or isDoseVolumeNode(ct):
         raise InvalidInputError(f"'{ct.GetName()}' is not a CT volume; select the planning CT")
-    checkNoTransform(ct)
-    ctGrid = volumeGrid(ct)
-    # arrayFromVolume is a view on VTK memory; copy so the case outlives the node.
-    ctArray = np.array(slicer.util.arrayFromVolume(ct), copy=True)
-    image = Image(ctArray, ctGrid, ct.GetAttribute(MODALITY_ATTRIBUTE) or "CT")
+    image = imageFromVolume(ct)
 
     if segmentationNode is None:
         segmentationNode = findSegmentation(scene, ct)
     elif not _segmentationReferencesVolume(segmentationNode, ct):
         raise GeometryError(f"Segmentation '{segmentationNode.GetName()}' does not reference the CT "
                             f"'{ct.GetName()}'; set the CT as its reference geometry in Segment Editor")
-    structures = []
-    if segmentationNode is not None:
-        checkNoTransform(segmentationNode)
-        segmentation = segmentationNode.GetSegmentation()
-        for index in range(segmentation.GetNumberOfSegments()):
-            segmentId = segmentation.GetNthSegmentID(index)
-            segment = segmentation.GetSegment(segmentId)
-            name = segment.GetName()
-            # The tag holds the enum name; segments made in Segment Editor have none, so guess.
-            typeName = vtk.reference("")
-            if segment.GetTag(STRUCTURE_TYPE_TAG, typeName) and str(typeName) in StructureType.__members__:
-                stype = StructureType[str(typeName)]
-            else:
-                stype = StructureType.guess(name)
-            color = tuple(int(round(c * 255)) for c in segment.GetColor())
-            structures.append(Structure(name, segmentMask(segmentationNode, segmentId, ct), ctGrid, color, stype))
+    structures = structuresFromSegmentation(segmentationNode, ct) if segmentationNode is not None else []
 
     sh = scene.GetSubjectHierarchyNode()
     studyItem = _studyItemOf(sh, ct)
