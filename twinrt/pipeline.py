@@ -18,11 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
-
 import twinrt
 from twinrt.errors import InvalidInputError, TwinRTError
-from twinrt.io_utils import write_text_atomic
+from twinrt.io_utils import json_default, write_text_atomic
 from twinrt.model import Case
 from twinrt.progress import CancelToken, ProgressCallback, report
 
@@ -236,7 +234,7 @@ def run_pipeline(dicom_dir: str | Path, out_dir: str | Path, write_scene: bool =
                "timings": timings, "twinrt_version": twinrt.__version__,
                "research_use_only": twinrt.RESEARCH_USE_ONLY}
     result.outputs["summary"] = stage("write summary", steps - 2, lambda: write_text_atomic(
-        out / "summary.json", json.dumps(summary, indent=1, default=_json_default)))
+        out / "summary.json", json.dumps(summary, indent=1, default=json_default)))
     content = ReportContent(
         title=f"TwinRT report — {case.patient_id}", metrics=metrics, curves=curves, timings=timings,
         provenance={"TwinRT": twinrt.__version__, "input": str(dicom_dir), "doses": ", ".join(case.doses),
@@ -375,11 +373,3 @@ def _twin_stage(case: Case, out: Path, sections: list[Any]) -> None:
                                   f"<p>Twin started for {n} fractions (timeline in <code>twin/</code>; feed it the "
                                   "daily images with <code>twinrt twin run</code>). Baseline risk: LKB NTCP of the "
                                   "planned dose as EQD2.</p>" + metrics_table_html(rows)))
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import twinrt
+from twinrt.io_utils import json_default
 
 #: Where the shipped model lives (trained on a development cohort, see its manifest).
 MODELS_DIR = Path(__file__).parent / "models"
@@ -98,7 +99,7 @@ def run_toxicity_command(args: argparse.Namespace, progress: Callable[[float, st
               f"{g['sensitivity']:.2f} specificity {g['specificity']:.2f}, LKB {b['sensitivity']:.2f} / "
               f"{b['specificity']:.2f}; lead time median GRU {g['lead_time_fractions_median']} fractions")
         summary = {k: v for k, v in res.items() if k != "predictions"}
-        print("RESULT " + json.dumps(summary, default=str))
+        print("RESULT " + json.dumps(summary, default=json_default))
         return 0
     model = ToxicityModel.load(args.model or shipped_model_path())
     for t in cohort.trajectories:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import twinrt
+from twinrt.io_utils import json_default
 
 
 def add_twin_parser(sub: argparse._SubParsersAction) -> None:
@@ -140,20 +141,10 @@ def _run(args: argparse.Namespace, progress: Callable[[float, str], None]) -> in
         for dose, name in ((twin.accumulated_dose(), "RTDOSE_accumulated.dcm"),
                            (twin.accumulated_eqd2(), "RTDOSE_accumulated_EQD2.dcm")):
             write_rtdose(dose, ctx, tmp / name)
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default))
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=1, default=json_default))
     print(f"wrote {out}/summary.json, {out}/timeline/, {out}/RTDOSE_accumulated*.dcm")
     print(twinrt.RESEARCH_USE_ONLY)
     return 0
-
-
-def _json_default(o: Any) -> Any:
-    import numpy as np
-
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
 
 
 def _evaluate(args: argparse.Namespace, progress: Callable[[float, str], None]) -> int:
@@ -173,7 +164,7 @@ def _evaluate(args: argparse.Namespace, progress: Callable[[float, str], None]) 
     for k in ("seconds_course", "accumulated_dose_error_pct", "rigid_only_error_pct", "planned_as_delivered_error_pct",
               "goal_metric_mae_gy", "param_ci_coverage"):
         print(f"{k:<32} {res.get(k)}")
-    print("RESULT " + json.dumps(res, default=_json_default))
+    print("RESULT " + json.dumps(res, default=json_default))
     return 0
 
 
