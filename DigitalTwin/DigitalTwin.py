@@ -99,6 +99,7 @@ class DigitalTwinParameterNode:
     fractionVolume - today's fraction image (CT or CBCT of the same patient).
     fractionNumber - its fraction number (0: the next one).
     fractionDate - its date (YYYY-MM-DD); empty: today.
+    fractionPetVolume - optional PET of that day (SUVbw, same frame of reference).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -109,6 +110,7 @@ class DigitalTwinParameterNode:
     fractionVolume: vtkMRMLScalarVolumeNode
     fractionNumber: Annotated[int, WithinRange(0, 100)] = 0
     fractionDate: str = ""
+    fractionPetVolume: vtkMRMLScalarVolumeNode
 
 
 #
@@ -158,7 +160,7 @@ class DigitalTwinWidget(CaseModuleWidgetMixin, ScriptedLoadableModuleWidget, VTK
         with slicer.util.tryWithErrorDisplay(_("The digital twin did not take the fraction."), waitCursor=True):
             parameters = self._parameterNode
             result = self.logic.addFraction(parameters.fractionVolume, parameters.fractionNumber or None,
-                                            parameters.fractionDate or None)
+                                            parameters.fractionDate or None, petVolume=parameters.fractionPetVolume)
             self.showResult(result)
 
     def onRegimensButton(self) -> None:
@@ -390,7 +392,7 @@ class DigitalTwinLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         return result
 
     def addFraction(self, imageVolume, number: Optional[int] = None, date: Optional[str] = None,
-                    segmentation=None, doseVolume=None, progress=None) -> dict[str, Any]:
+                    segmentation=None, doseVolume=None, progress=None, petVolume=None) -> dict[str, Any]:
         """Give today's fraction to the twin: register, map the dose back, accumulate, update the outputs.
 
         :param imageVolume: the day's CT or CBCT (HU); its patient is read from the subject hierarchy
@@ -403,6 +405,8 @@ class DigitalTwinLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         :param doseVolume: the dose delivered that day (a dose volume, Gy); default: the planned dose per
             fraction, fixed in the room.
         :param progress: optional ``progress(fraction, text)``.
+        :param petVolume: a PET of that day in SUVbw (as Slicer's PET-DICOM extension loads it), in the
+            day's image's frame of reference (a PET/CT); ToxicityMonitor computes ``pet_`` features from it.
         :return: the outputs (see :meth:`_updateScene`), with ``updates`` and ``warnings``.
         :raises FractionRefusedError: the twin refuses the fraction (another patient or frame of
             reference, out of order, a failed or folding registration); the reason is the message and
@@ -412,7 +416,7 @@ class DigitalTwinLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         from twinrt.twin.twin import FractionRefusedError
 
         twin = self._requireTwin()
-        fraction = self.fractionFromScene(imageVolume, number, date, segmentation, doseVolume)
+        fraction = self.fractionFromScene(imageVolume, number, date, segmentation, doseVolume, petVolume)
         try:
             update = twin.add_fraction(fraction, progress)
         except FractionRefusedError as exc:
@@ -447,8 +451,10 @@ class DigitalTwinLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         return patientId, frame
 
     def fractionFromScene(self, imageVolume, number: Optional[int] = None, date: Optional[str] = None,
-                          segmentation=None, doseVolume=None):
+                          segmentation=None, doseVolume=None, petVolume=None):
         """Today's :class:`twinrt.twin.timeline.Fraction` read from scene nodes (see :meth:`addFraction`)."""
+        from twinrt.errors import InvalidInputError
+        from twinrt.model import Image
         from twinrt.twin.timeline import Fraction
 
         from TwinRTCommon import mrmlio
@@ -467,8 +473,20 @@ class DigitalTwinLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
             checkDoseVolume(doseVolume)
             dose = mrmlio.doseFromVolume(doseVolume)
         patientId, frame = self.patientOfVolume(imageVolume)
+        pet = None
+        if petVolume is not None:
+            checkCtVolume(petVolume, _("PET volume"))
+            petPatient, petFrame = self.patientOfVolume(petVolume)
+            if (petPatient and patientId and petPatient != patientId) or (petFrame and frame and petFrame != frame):
+                raise InvalidInputError(f"The PET '{petVolume.GetName()}' (patient '{petPatient}') is not in the "
+                                        f"day's image's patient and frame of reference ('{patientId}'); select the "
+                                        "PET of that day's PET/CT")
+            petImage = mrmlio.imageFromVolume(petVolume)
+            pet = Image(petImage.array.astype("float32"), petImage.grid, "PT")
         return Fraction(int(number) if number else twin.delivered + 1, date or self._today(), image, structures,
-                        dose, patientId, frame, {"source": "scene", "image": imageVolume.GetName()})
+                        dose, patientId, frame, {"source": "scene", "image": imageVolume.GetName(),
+                                                 **({"pet": petVolume.GetName()} if petVolume is not None else {})},
+                        pet)
 
     # ------------------------------------------------------------------------------------- files
     def saveTimeline(self, folder) -> str:
@@ -911,8 +929,22 @@ class DigitalTwinTest(CaseModuleTestMixin, ScriptedLoadableModuleTest):
         # Today's fraction from the scene: the simulator's fourth day as an image of this patient.
         day = logic.simulator.fraction(4).fraction
         image = self.volumeToScene(logic, logic.twin.timeline.patient_id, day.image)
-        result = logic.addFraction(image, 4, day.date)
+        # That day also had a PET/CT: the PET (SUVbw, its own coarser grid) goes with the fraction.
+        from twinrt.errors import InvalidInputError
+        from twinrt.twin.simulator import simulate_pet
+
+        petImage = simulate_pet(day.image, day.structures, {"LeftParotid": 2.0}, np.random.default_rng(0))
+        pet = self.volumeToScene(logic, logic.twin.timeline.patient_id, petImage)
+        otherPet = self.volumeToScene(logic, "SomeoneElse", petImage)
+        with self.assertRaises(InvalidInputError):
+            logic.addFraction(image, 4, day.date, petVolume=otherPet)
+        self.assertEqual(logic.twin.delivered, 3)
+        result = logic.addFraction(image, 4, day.date, petVolume=pet)
         self.assertEqual(logic.twin.delivered, 4)
+        taken = logic.twin.timeline.fractions[-1].pet
+        self.assertIsNotNone(taken)
+        self.assertTrue(taken.grid.is_same(petImage.grid))
+        self.assertTrue(np.allclose(taken.array, petImage.array, atol=1e-5))
         self.assertTwinOutputs(logic, result)
         self.assertIn("4:", logic.timelineText())
         self.delayDisplay("Test passed")

@@ -174,7 +174,7 @@ class ToxicityMonitorLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
     # ------------------------------------------------------------------------------------- model
     @staticmethod
     def defaultModelPath() -> Path:
-        """The shipped model's weights (``twinrt/toxicity/models/toxicity-gruae-v1.pt``)."""
+        """The shipped model's weights (``twinrt/toxicity/models/toxicity-gruae-v2.pt``)."""
         from twinrt.toxicity.cli import shipped_model_path
 
         return shipped_model_path()
@@ -702,7 +702,7 @@ class ToxicityMonitorTest(CaseModuleTestMixin, ScriptedLoadableModuleTest):
         self.assertTrue(logic.defaultModelPath().is_file(), logic.defaultModelPath())
         twinLogic, created = self.simulateCourse(upTo=2)
         result = logic.monitor(twinLogic, None, 0.5, planningVolume=created["ct"])
-        self.assertEqual(result["modelId"], "toxicity-gruae-v1")
+        self.assertEqual(result["modelId"], "toxicity-gruae-v2")
         for risk in result["risks"].values():
             self.assertTrue(np.all((risk >= 0.0) & (risk <= 1.0)))
         self.delayDisplay("Test passed")

@@ -39,8 +39,8 @@ def test_cli_evaluate_train_predict(tmp_path, capsys):
     assert result["n_patients"] == 8 and result["n_trajectories"] == 16
     assert result["auc_gru"] > 0.8  # the drift is learnable
     assert main(["toxicity", "train", str(tmp_path), "--out", str(tmp_path / "model"), "--epochs", "30"]) == 0
-    weights = tmp_path / "model" / "toxicity-gruae-v1.pt"
-    assert weights.is_file() and (tmp_path / "model" / "toxicity-gruae-v1.json").is_file()
+    weights = tmp_path / "model" / "toxicity-gruae-v2.pt"
+    assert weights.is_file() and (tmp_path / "model" / "toxicity-gruae-v2.json").is_file()
     capsys.readouterr()
     assert main(["toxicity", "predict", str(tmp_path), "--model", str(weights)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -65,4 +65,4 @@ def test_shipped_model_matches_the_twin_features():
     model = ToxicityModel.load(shipped_model_path())  # sha256 checked
     names = feature_names()
     assert model.feature_names == names + [f"d_{n}" for n in names]
-    assert model.model_id == "toxicity-gruae-v1" and len(model.sha256) == 64
+    assert model.model_id == "toxicity-gruae-v2" and len(model.sha256) == 64

@@ -161,17 +161,17 @@ def test_organ_fraction_features_layout_and_missing_day_image():
     f = organ_fraction_features(bed, organ, grid, n_eud=0.7)
     assert list(f) == feature_names()
     assert "dosio_mean" not in f  # it is bed_mean
-    assert all(math.isnan(v) for n, v in f.items() if n.startswith("ct_"))
-    assert all(math.isfinite(v) for n, v in f.items() if not n.startswith("ct_"))
+    assert all(math.isnan(v) for n, v in f.items() if n.startswith(("ct_", "pet_")))
+    assert all(math.isfinite(v) for n, v in f.items() if not n.startswith(("ct_", "pet_")))
     assert f["bed_mean"] == pytest.approx(bed[organ].mean())
     ct = Image((40 + 5 * (k % 2)).astype(np.int16), grid)
     day = Structure("Parotid_L", organ, grid)
     g = organ_fraction_features(bed, organ, grid, ct, day, n_eud=0.7)
-    assert all(math.isfinite(v) for v in g.values())
+    assert all(math.isfinite(v) for n, v in g.items() if not n.startswith("pet_"))  # no PET that day
     assert g["ct_volume_cc"] == pytest.approx(organ.sum() * grid.voxel_volume_cc)
     assert g["ct_mean"] == pytest.approx(ct.array[organ].mean())
     # Arrays work as well as Image / Structure; an image without a contour gives NaN ct_ features.
-    assert organ_fraction_features(bed, organ, grid, ct.array, organ, 0.7) == pytest.approx(g)
+    assert organ_fraction_features(bed, organ, grid, ct.array, organ, 0.7) == pytest.approx(g, nan_ok=True)
     assert math.isnan(organ_fraction_features(bed, organ, grid, ct, None)["ct_mean"])
     with pytest.raises(StructureError):
         organ_fraction_features(bed, np.zeros(grid.shape, bool), grid)
@@ -363,7 +363,9 @@ def test_trajectories_from_twin(twin, tmp_path):
         assert t.patient_id == twin.timeline.patient_id and t.n_fractions == 4
         np.testing.assert_array_equal(t.fractions, [1, 2])
         assert t.feature_names == names + [f"d_{n}" for n in names]
-        assert np.isfinite(t.features).all(), t.organ  # the simulated days bring the image and the contours
+        not_pet = [c for c, n in enumerate(t.feature_names) if "pet_" not in n]
+        assert np.isfinite(t.features[:, not_pet]).all(), t.organ  # the simulated days bring the image and contours
+        assert np.isnan(t.features[:, [c for c in range(len(names) * 2) if c not in not_pet]]).all()  # no PET
         bed_mean = t.features[:, t.feature_names.index("bed_mean")]
         assert bed_mean[1] > bed_mean[0] > 0
         mask = twin.timeline.planning.structure(t.organ).mask
@@ -427,9 +429,9 @@ def test_trajectories_from_a_minimal_thorax_twin():
     dose = (i * 0.25).astype(np.float32)  # Gy per fraction, 0-2.75 Gy along i
     ct = Image((20 + i).astype(np.int16), grid)
     day1 = [Structure("HEART", heart, grid), Structure("Lung_Both", lungs, grid)]  # other spellings than planning
-    days = [SimpleNamespace(structures=day1, image=ct,
+    days = [SimpleNamespace(structures=day1, image=ct, pet=None,
                             structure=lambda n: next((s for s in day1 if s.name.lower() == n.lower()), None)),
-            SimpleNamespace(structures=[], image=ct, structure=lambda n: None)]
+            SimpleNamespace(structures=[], image=ct, pet=None, structure=lambda n: None)]
     records = [SimpleNamespace(number=f, warped_dose_gy=dose) for f in (1, 2)]
     timeline = SimpleNamespace(planning=planning, fractions=days, records=records, patient_id="T1", n_fractions=30)
     ab = np.full(grid.shape, 3.0, np.float32)

@@ -3,6 +3,7 @@
 Public functions, imported lazily on first use so that ``import twinrt.dicom`` stays cheap:
 
 * :func:`read_ct_series`, :func:`write_ct_series` (``twinrt.dicom.ct``)
+* :func:`read_pet_series`, :func:`write_pet_series` (``twinrt.dicom.pet``, SUVbw)
 * :func:`read_rtstruct`, :func:`write_rtstruct` (``twinrt.dicom.rtstruct``)
 * :func:`read_rtdose`, :func:`write_rtdose` (``twinrt.dicom.rtdose``)
 * :func:`read_rtplan`, :func:`write_rtplan` (``twinrt.dicom.rtplan``)
@@ -16,6 +17,7 @@ from typing import Any
 
 _EXPORTS = {
     "read_ct_series": "ct", "write_ct_series": "ct",
+    "read_pet_series": "pet", "write_pet_series": "pet",
     "read_rtstruct": "rtstruct", "write_rtstruct": "rtstruct",
     "read_rtdose": "rtdose", "write_rtdose": "rtdose",
     "read_rtplan": "rtplan", "write_rtplan": "rtplan",

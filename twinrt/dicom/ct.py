@@ -156,7 +156,7 @@ def read_ct_series(folder: str | Path, series_instance_uid: str | None = None
     cts = _select_series(cts, folder, series_instance_uid)
     slices = _sorted_slices(cts)
     grid = _grid_from_slices(slices)
-    array = _read_hu(slices, grid)
+    array = _read_rescaled(slices, grid)
     first = slices[0].ds
     ref = CtReference(str(first.SeriesInstanceUID), [str(s.ds.SOPInstanceUID) for s in slices],
                       CT_IMAGE_STORAGE)
@@ -260,8 +260,9 @@ def _grid_from_slices(slices: list[_Slice]) -> Grid:
         raise DicomImportError(f"{first.path}: {exc}", first.path) from exc
 
 
-def _read_hu(slices: list[_Slice], grid: Grid) -> np.ndarray:
-    """HU of every slice; int16 when every rescaled value is an integer in int16 range."""
+def _read_rescaled(slices: list[_Slice], grid: Grid) -> np.ndarray:
+    """Rescaled values of every slice (HU for CT, the series' Units for PET; slope and intercept per
+    slice); int16 when every rescaled value is an integer in int16 range."""
     out = np.empty(grid.shape, dtype=np.float64 if len(slices) * grid.shape[1] * grid.shape[2] < 2**22
                    else np.float32)
     integral = True

@@ -20,6 +20,17 @@ from twinrt.io_utils import json_default
 MODELS_DIR = Path(__file__).parent / "models"
 
 
+def fraction_list(text: str) -> tuple[int, ...]:
+    """``"1,10,20"`` → ``(1, 10, 20)`` (argparse type; fraction numbers ≥ 1)."""
+    try:
+        values = tuple(int(v) for v in str(text).replace(" ", "").split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of fraction numbers (e.g. 1,10,20)")
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}': fraction numbers start at 1")
+    return values
+
+
 def add_toxicity_parser(sub: argparse._SubParsersAction) -> None:
     """Add the ``toxicity`` command group."""
     tx = sub.add_parser("toxicity", help="toxicity early warning: simulate a cohort, train, evaluate, predict")
@@ -30,6 +41,8 @@ def add_toxicity_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--patients", type=int, default=20)
     s.add_argument("--fractions", type=int, default=30)
     s.add_argument("--cases", type=int, default=12, help="planning cases to draw the patients from")
+    s.add_argument("--pet-fractions", type=fraction_list, default=(), metavar="F,F,...",
+                   help="fractions that also have an FDG PET, e.g. 1,10,20 (default: none)")
     s.add_argument("--out", type=Path, required=True, help="folder for trajectories.csv and outcomes.csv")
     for name, text in (("train", "train the GRU risk model on a CSV cohort"),
                        ("evaluate", "leave-one-patient-out of the GRU model and the LKB baseline on a CSV cohort"),
@@ -39,7 +52,7 @@ def add_toxicity_parser(sub: argparse._SubParsersAction) -> None:
                                                      "(layout: twinrt/toxicity/csvio.py, README)")
         if name == "train":
             p.add_argument("--out", type=Path, required=True, help="folder for <model_id>.pt and .json")
-            p.add_argument("--model-id", default="toxicity-gruae-v1")
+            p.add_argument("--model-id", default="toxicity-gruae-v2")
             p.add_argument("--epochs", type=int, default=150)
             p.add_argument("--seed", type=int, default=0)
             p.add_argument("--description", default=None, help="what the training cohort is (stored in the manifest)")
@@ -58,7 +71,7 @@ def _read(cohort_dir: Path) -> Any:
 
 def shipped_model_path() -> Path:
     """The shipped model's weights file."""
-    return MODELS_DIR / "toxicity-gruae-v1.pt"
+    return MODELS_DIR / "toxicity-gruae-v2.pt"
 
 
 def run_toxicity_command(args: argparse.Namespace, progress: Callable[[float, str], None]) -> int:
@@ -72,7 +85,8 @@ def run_toxicity_command(args: argparse.Namespace, progress: Callable[[float, st
         from twinrt.toxicity.csvio import write_cohort_csv
 
         cases = cohort_cases(args.cases)
-        cohort, hidden = simulate_cohort(cases, args.patients, args.seed, args.fractions, progress=progress)
+        cohort, hidden = simulate_cohort(cases, args.patients, args.seed, args.fractions, progress=progress,
+                                         pet_fractions=args.pet_fractions)
         with atomic_dir(args.out) as tmp:
             write_cohort_csv(cohort, tmp / "trajectories.csv", tmp / "outcomes.csv")
             (tmp / "hidden_truth.json").write_text(json.dumps(
@@ -110,4 +124,4 @@ def run_toxicity_command(args: argparse.Namespace, progress: Callable[[float, st
     return 0
 
 
-__all__ = ["add_toxicity_parser", "run_toxicity_command", "shipped_model_path", "MODELS_DIR"]
+__all__ = ["fraction_list", "add_toxicity_parser", "run_toxicity_command", "shipped_model_path", "MODELS_DIR"]

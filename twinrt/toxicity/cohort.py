@@ -16,7 +16,11 @@ For every simulated patient ``p``:
    tumour shrinkage) with organ response: before fraction ``f`` each followed organ has received the
    true cumulative BED ``B_{f−1}`` (α/β 3 Gy; its mean ``b̄``); the organ contracts to
    ``1 − k_vol · s_p · b̄/100 Gy`` of its volume and its CT numbers rise by ``k_HU · s_p · b̄/100 Gy``
-   (plus the day's image noise): an imperfect image signal of the organ's response.
+   (plus the day's image noise): an imperfect image signal of the organ's response. On the days
+   listed in ``pet_fractions`` (none by default) the day also has an FDG PET
+   (:func:`~twinrt.twin.simulator.simulate_pet`): each followed organ's SUV is its baseline
+   (:attr:`ToxicityTruth.organ_suv`) plus ``k_SUV · s_p · b̄/100 Gy`` (inflammatory uptake), blurred,
+   on a coarser grid, with 15 % multiplicative noise — a second, independent imperfect signal.
 4. **Toxicity** (per organ; ``endpoint`` from :data:`ORGAN_ENDPOINTS`): the damage index after
    fraction ``f`` is ``Z_f = s_p · gEUD_n(B_f) / B_ref · (1 + w · H_f)``, with ``H_f`` the share of the
    organ whose cumulative BED exceeds 1.2 × its mean (the map's spatial texture), ``n`` and ``B_ref``
@@ -82,6 +86,11 @@ class ToxicityTruth:
     :param threshold_log_sd: σ of the patient's threshold noise ``ε``.
     :param hu_per_100gy: CT-number rise (HU) per 100 Gy mean BED for ``s_p = 1``.
     :param volume_loss_per_100gy: organ volume loss (share) per 100 Gy mean BED for ``s_p = 1``.
+    :param suv_per_100gy: FDG SUV rise in an organ per 100 Gy mean BED for ``s_p = 1`` (on PET days);
+        set with the PET option, before any model was fitted on PET features.
+    :param organ_suv: baseline SUVbw of each followed organ (parotid ≈ 1.6, oesophagus ≈ 1.4) and of the
+        tumour (``GTV``).
+    :param pet_noise_sd: relative SD of the PET's voxel noise.
     :param endpoints: :class:`EndpointTruth` per endpoint.
     """
 
@@ -89,6 +98,10 @@ class ToxicityTruth:
     threshold_log_sd: float = 0.15
     hu_per_100gy: float = 40.0
     volume_loss_per_100gy: float = 0.3
+    suv_per_100gy: float = 1.0
+    organ_suv: Mapping[str, float] = field(default_factory=lambda: {
+        "LeftParotid": 1.6, "RightParotid": 1.6, "Parotid_L": 1.6, "Parotid_R": 1.6, "Esophagus": 1.4, "GTV": 6.0})
+    pet_noise_sd: float = 0.15
     endpoints: Mapping[str, EndpointTruth] = field(default_factory=lambda: {
         "xerostomia": EndpointTruth(n_eud=1.0, bed_ref_gy=50.0, threshold=1.0, texture_weight=0.5),
         "esophagitis": EndpointTruth(n_eud=0.25, bed_ref_gy=100.0, threshold=1.0, texture_weight=0.5),
@@ -166,15 +179,17 @@ class SimulatedPatient:
 
 def simulate_patient(case: Case, patient_id: str, seed: int, n_fractions: int = 30,
                      truth: ToxicityTruth = TRUTH, organs: Optional[Sequence[str]] = None,
-                     planned_dose: str = "reference") -> tuple[list[OrganTrajectory], SimulatedPatient]:
+                     planned_dose: str = "reference", pet_fractions: Sequence[int] = ()
+                     ) -> tuple[list[OrganTrajectory], SimulatedPatient]:
     """One simulated patient: a course through the twin, its organ trajectories and hidden truth.
 
     :param case: a prepared planning case (:func:`prepare_case`); not changed.
+    :param pet_fractions: fraction numbers that also have a PET (SUVbw; see the module docstring).
     """
     import copy
 
     from twinrt.toxicity.features import trajectories_from_twin
-    from twinrt.twin.simulator import CourseSettings, CourseSimulator
+    from twinrt.twin.simulator import CourseSettings, CourseSimulator, simulate_pet
     from twinrt.twin.twin import DigitalTwin, FractionRefusedError, TwinSettings
 
     t0 = time.perf_counter()
@@ -203,8 +218,18 @@ def simulate_patient(case: Case, patient_id: str, seed: int, n_fractions: int = 
     twin = DigitalTwin(sim.timeline(), TwinSettings(goal_set=None, calibrate=False))
     damage: dict[str, list[float]] = {name: [] for name in masks}
     rigid_days: list[int] = []
+    pet_days = {int(f) for f in pet_fractions}
+    if any(not 1 <= f <= n_fractions for f in pet_days):
+        raise InvalidInputError(f"PET fractions {sorted(pet_days)} must lie in 1-{n_fractions}")
+    pet_rng = np.random.default_rng([int(seed), 11])  # its own stream: cohorts without PET are unchanged
     for f in range(1, n_fractions + 1):
         day = sim.fraction(f)
+        if f in pet_days:
+            uptake = {name: suv + (truth.suv_per_100gy * sensitivity * float(bed_truth[name].mean()) / 100.0
+                                   if name in bed_truth else 0.0)
+                      for name, suv in truth.organ_suv.items()}
+            day.fraction.pet = simulate_pet(day.fraction.image, day.fraction.structures, uptake, pet_rng,
+                                            truth.pet_noise_sd)
         for name, m in masks.items():
             d = day.true_warped_dose_gy[m]
             bed_truth[name] += d * (1 + d / ab)
@@ -238,16 +263,18 @@ def simulate_patient(case: Case, patient_id: str, seed: int, n_fractions: int = 
         t.metadata.update({"source": "simulated cohort (twinrt.toxicity.cohort)", "seed": int(seed),
                            "hidden_sensitivity": sensitivity, "hidden_threshold": thresholds[t.organ],
                            "hidden_damage": [round(v, 5) for v in damage[t.organ]],
-                           "rigid_only_fractions": rigid_days})
+                           "rigid_only_fractions": rigid_days, "pet_fractions": sorted(pet_days)})
     return trajectories, hidden
 
 
 def simulate_cohort(cases: Sequence[Case], n_patients: int, seed: int, n_fractions: int = 30,
                     truth: ToxicityTruth = TRUTH, progress: Optional[ProgressCallback] = None,
-                    cancel: Optional[CancelToken] = None) -> tuple[Cohort, list[SimulatedPatient]]:
+                    cancel: Optional[CancelToken] = None, pet_fractions: Sequence[int] = ()
+                    ) -> tuple[Cohort, list[SimulatedPatient]]:
     """``n_patients`` simulated patients over the prepared ``cases`` (in turn), reproducible from ``seed``.
 
     :param cases: prepared planning cases (:func:`prepare_case`), each with the planned dose ``reference``.
+    :param pet_fractions: fractions with a PET for every patient (none by default).
     """
     if not cases:
         raise InvalidInputError("A cohort needs at least one planning case")
@@ -258,11 +285,13 @@ def simulate_cohort(cases: Sequence[Case], n_patients: int, seed: int, n_fractio
     for p in range(int(n_patients)):
         report(progress, p / n_patients, f"Simulated patient {p + 1}/{n_patients}", cancel)
         case = cases[p % len(cases)]
-        tr, h = simulate_patient(case, f"sim{seed}_{p:03d}_{case.patient_id}", seed * 1000 + p, n_fractions, truth)
+        tr, h = simulate_patient(case, f"sim{seed}_{p:03d}_{case.patient_id}", seed * 1000 + p, n_fractions, truth,
+                                 pet_fractions=pet_fractions)
         trajectories.extend(tr)
         hidden.append(h)
     report(progress, 1.0, "Cohort simulated", cancel)
-    return Cohort(trajectories, f"simulated cohort seed {seed}: {n_patients} patients, {n_fractions} fractions "
+    pet = f", PET at fractions {', '.join(map(str, sorted(set(pet_fractions))))}" if pet_fractions else ""
+    return Cohort(trajectories, f"simulated cohort seed {seed}: {n_patients} patients, {n_fractions} fractions{pet} "
                                 f"(twinrt.toxicity.cohort, TRUTH fixed before fitting)"), hidden
 
 

@@ -13,7 +13,8 @@ column             content
 ``endpoint``       toxicity endpoint: ``xerostomia``, ``esophagitis``, ``pneumonitis`` or ``cardiac``
 ``fraction``       fraction number (whole number ≥ 1); rows of one organ may come in any order
 *any other*        one column per feature (any names, e.g. those of :mod:`twinrt.toxicity.features`:
-                   ``bed_mean``, ``dosio_glcm_contrast``, ``ct_mean``, ``d_ct_mean`` …); numbers with a
+                   ``bed_mean``, ``dosio_glcm_contrast``, ``ct_mean``, ``d_ct_mean``, ``pet_mean`` (SUVbw,
+                   empty on days without a PET) …); numbers with a
                    ``.`` decimal point; an empty cell (or ``NA`` / ``NaN``) is a missing value (NaN)
 =================  =======================================================================================
 

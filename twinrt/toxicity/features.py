@@ -13,6 +13,10 @@ features, computed from what the twin knows after that fraction:
 * ``ct_`` **radiomics of the day's image** inside the day's contour of the organ (first-order + GLCM on
   :data:`CT_BIN_WIDTH_HU` from :data:`CT_BIN_MIN_HU`, plus the contoured organ volume in cc); NaN on a
   day without an image or without a contour of the organ;
+* ``pet_`` **radiomics of the day's PET** when the fraction has one (:attr:`twinrt.twin.timeline.Fraction.pet`,
+  SUVbw): first-order + GLCM of the SUV inside the day's contour resampled to the PET grid, on
+  :data:`PET_BIN_WIDTH_SUV` from :data:`PET_BIN_MIN_SUV` (no volume: the contour is the CT's); NaN on a
+  day without a PET or without a contour of the organ;
 * ``d_`` **changes from baseline** of every feature above (:func:`with_baseline_changes`).
 
 Feature definitions follow the Image Biomarker Standardisation Initiative (IBSI) reference manual:
@@ -37,7 +41,7 @@ Zwanenburg A, Vallières M, et al. *The Image Biomarker Standardization Initiati
   voxel) gets the values of a constant region: contrast 0, dissimilarity 0, homogeneity 1, energy 1,
   entropy 0, correlation 1 (correlation of a constant region is 0/0; 1 as in pyradiomics).
 
-Units: dose and BED in Gy, CT in HU, volumes in cc; energy in Gy² or HU².
+Units: dose and BED in Gy, CT in HU, PET in SUVbw (g/ml), volumes in cc; energy in Gy², HU² or SUV².
 """
 
 from __future__ import annotations
@@ -57,6 +61,10 @@ BED_BIN_MIN_GY = 0.0
 #: CT radiomics bin scheme: fixed bin width 25 HU, first bin starting at −1000 HU (air).
 CT_BIN_WIDTH_HU = 25.0
 CT_BIN_MIN_HU = -1000.0
+#: PET radiomics bin scheme: fixed bin width 0.25 SUV from 0 (fixed bin sizes for SUV as IBSI recommends
+#: for calibrated PET; 0.25 is within the 0.125–0.5 SUV range used in the PET radiomics literature).
+PET_BIN_WIDTH_SUV = 0.25
+PET_BIN_MIN_SUV = 0.0
 #: BED-DVH points: D_x% for these volume percentages, V_d for these BED levels (Gy).
 DVH_DOSE_POINTS_PERCENT = (2, 50, 98)
 DVH_VOLUME_POINTS_GY = (20, 30, 40, 50)
@@ -292,33 +300,34 @@ def dose_volume_features(bed_gy_in_organ: np.ndarray, voxel_volume_cc: float, n_
 
 # ------------------------------------------------------------------------------------------ one organ, one day
 def image_features(image: Optional[np.ndarray], mask: Optional[np.ndarray], voxel_volume_cc: float,
-                   prefix: str = "ct_", bin_width: float = CT_BIN_WIDTH_HU, bin_min: float = CT_BIN_MIN_HU
-                   ) -> dict[str, float]:
-    """Radiomics of an image inside a mask: first order, GLCM and the region volume (cc), prefixed.
+                   prefix: str = "ct_", bin_width: float = CT_BIN_WIDTH_HU, bin_min: float = CT_BIN_MIN_HU,
+                   volume: bool = True) -> dict[str, float]:
+    """Radiomics of an image inside a mask: first order, GLCM and (``volume``) the region volume (cc), prefixed.
 
-    :param image: (k, j, i) image (HU for CT); ``mask``: boolean region on the same grid (NaN for all
-        features when empty or ``None``).
+    :param image: (k, j, i) image (HU for CT, SUV for PET); ``mask``: boolean region on the same grid
+        (NaN for all features when empty or ``None``).
     """
     if mask is None or image is None:
-        return _nan_dict(image_feature_names(prefix))
+        return _nan_dict(image_feature_names(prefix, volume))
     img = np.asarray(image)
     m = np.asarray(mask, dtype=bool)
     if img.shape != m.shape:
         raise InvalidInputError(f"The image {img.shape} and the organ mask {m.shape} are not on one grid")
     box = _bbox(m)
     if box is None:
-        return _nan_dict(image_feature_names(prefix))
+        return _nan_dict(image_feature_names(prefix, volume))
     img, m = img[box], m[box]
     out = {f"{prefix}{k}": v for k, v in first_order(img[m], bin_width, bin_min).items()}
     out.update({f"{prefix}glcm_{k}": v for k, v in glcm_features(img, m, bin_width, bin_min).items()})
-    out[f"{prefix}volume_cc"] = float(m.sum()) * float(voxel_volume_cc)
+    if volume:
+        out[f"{prefix}volume_cc"] = float(m.sum()) * float(voxel_volume_cc)
     return out
 
 
-def image_feature_names(prefix: str = "ct_") -> list[str]:
-    """Names of :func:`image_features` with ``prefix``."""
+def image_feature_names(prefix: str = "ct_", volume: bool = True) -> list[str]:
+    """Names of :func:`image_features` with ``prefix`` (and ``volume``)."""
     return ([prefix + n for n in FIRST_ORDER_NAMES] + [f"{prefix}glcm_{n}" for n in GLCM_NAMES]
-            + [f"{prefix}volume_cc"])
+            + ([f"{prefix}volume_cc"] if volume else []))
 
 
 def feature_names() -> list[str]:
@@ -326,12 +335,13 @@ def feature_names() -> list[str]:
     return (["bed_" + n for n in DOSE_VOLUME_NAMES]
             + ["dosio_" + n for n in FIRST_ORDER_NAMES if n != "mean"]
             + [f"dosio_glcm_{n}" for n in GLCM_NAMES]
-            + image_feature_names("ct_"))
+            + image_feature_names("ct_")
+            + image_feature_names("pet_", volume=False))
 
 
 def organ_fraction_features(bed_gy: np.ndarray, planning_mask: np.ndarray, grid: Grid, day_image: Any = None,
-                            day_mask: Any = None, n_eud: float = 1.0, day_grid: Optional[Grid] = None
-                            ) -> dict[str, float]:
+                            day_mask: Any = None, n_eud: float = 1.0, day_grid: Optional[Grid] = None,
+                            day_pet: Any = None) -> dict[str, float]:
     """All features of one organ at one fraction (names: :func:`feature_names`).
 
     :param bed_gy: cumulative BED (Gy) on the planning grid (or any crop of it holding the organ).
@@ -343,6 +353,9 @@ def organ_fraction_features(bed_gy: np.ndarray, planning_mask: np.ndarray, grid:
         boolean array on the image; ``None`` when not contoured (``ct_`` features are then NaN).
     :param n_eud: the endpoint's LKB volume parameter ``n`` for ``bed_geud``.
     :param day_grid: the grid of an array ``day_image`` (for the volume in cc).
+    :param day_pet: the day's PET (:class:`twinrt.model.Image`, SUVbw, on its own grid in the day's frame of
+        reference) or ``None`` (``pet_`` features NaN); ``day_mask`` is resampled to its grid (it must
+        then be a :class:`twinrt.model.Structure`, or an array already on the PET grid).
     :raises StructureError: the organ mask is empty.
     """
     bed = np.asarray(bed_gy)
@@ -366,6 +379,11 @@ def organ_fraction_features(bed_gy: np.ndarray, planning_mask: np.ndarray, grid:
             img_arr = day_image
         mask_arr = day_mask.mask if hasattr(day_mask, "mask") else day_mask
     out.update(image_features(img_arr, mask_arr, vcc, "ct_"))
+    pet_arr = pet_mask = None
+    if day_pet is not None and day_mask is not None:
+        pet_arr = day_pet.array
+        pet_mask = day_mask.on_grid(day_pet.grid) if hasattr(day_mask, "on_grid") else day_mask
+    out.update(image_features(pet_arr, pet_mask, vcc, "pet_", PET_BIN_WIDTH_SUV, PET_BIN_MIN_SUV, volume=False))
     return out
 
 
@@ -463,6 +481,7 @@ def trajectories_from_twin(twin: Any, organs: Optional[Sequence[str]] = None,
     :param changes: append the ``d_`` changes from baseline.
     :param ct_baseline: ``"first"``: the ``ct_`` baseline is the first fraction image's (same imaging
         as the later days, e.g. CBCT); ``"planning"``: the planning CT inside the planning contour.
+        The ``pet_`` baseline is always the first fraction's PET (the first day that had one).
     :return: trajectories in planning-structure order (or ``organs`` order); ``planned`` holds ``mean_gy``
         and ``geud_gy`` of the planned dose as EQD2 (Gy; per voxel with the course's fraction size and the
         twin's α/β, as LKB parameters assume 2 Gy fractions; gEUD with the LKB set's ``n``),
@@ -521,7 +540,8 @@ def trajectories_from_twin(twin: Any, organs: Optional[Sequence[str]] = None,
         for info in organs_info:
             day = _day_structure(frac, info["structure"].name)
             feats = organ_fraction_features(bed[info["box"]], info["mask"], grid,
-                                            None if day is None else frac.image, day, info["n"])
+                                            None if day is None else frac.image, day, info["n"],
+                                            day_pet=frac.pet)
             info["rows"].append(feats)
 
     names = feature_names()
@@ -544,7 +564,8 @@ def trajectories_from_twin(twin: Any, organs: Optional[Sequence[str]] = None,
     return out
 
 
-__all__ = ["BED_BIN_WIDTH_GY", "BED_BIN_MIN_GY", "CT_BIN_WIDTH_HU", "CT_BIN_MIN_HU", "DIRECTIONS_3D",
+__all__ = ["BED_BIN_WIDTH_GY", "BED_BIN_MIN_GY", "CT_BIN_WIDTH_HU", "CT_BIN_MIN_HU", "PET_BIN_WIDTH_SUV",
+           "PET_BIN_MIN_SUV", "DIRECTIONS_3D",
            "first_order", "glcm_features", "dose_volume_features", "image_features", "image_feature_names",
            "feature_names", "organ_fraction_features", "with_baseline_changes", "endpoint_for",
            "trajectories_from_twin"]

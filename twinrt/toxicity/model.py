@@ -54,7 +54,7 @@ from twinrt.toxicity.trajectory import ENDPOINTS, Cohort, OrganTrajectory
 #: Version of the model format (state-dict keys and manifest fields).
 MODEL_VERSION = "1.0"
 #: Default model id.
-DEFAULT_MODEL_ID = "toxicity-gruae-v1"
+DEFAULT_MODEL_ID = "toxicity-gruae-v2"
 #: Early fractions at which :func:`leave_one_patient_out` also reports the AUC.
 EARLY_FRACTIONS = (10, 15)
 

@@ -110,6 +110,17 @@ class Cohort:
         """The trajectories of one endpoint."""
         return Cohort([t for t in self.trajectories if t.endpoint == endpoint], self.description)
 
+    def without_features(self, prefixes: Sequence[str]) -> "Cohort":
+        """The same trajectories without the features whose names start with any of ``prefixes`` (also
+        their ``d_`` changes), e.g. ``("pet_",)`` to see the cohort as if it had no PET."""
+        from dataclasses import replace
+
+        strip = tuple(prefixes) + tuple(f"d_{p}" for p in prefixes)
+        keep = [i for i, n in enumerate(self.feature_names) if not n.startswith(strip)]
+        return Cohort([replace(t, features=t.features[:, keep], feature_names=[t.feature_names[i] for i in keep],
+                               planned=dict(t.planned), metadata=dict(t.metadata)) for t in self.trajectories],
+                      self.description)
+
     def select(self, patients: Sequence[str], exclude: bool = False) -> "Cohort":
         """The trajectories of ``patients`` (or of all others when ``exclude``)."""
         keep = set(patients)

@@ -5,8 +5,9 @@ Layout (what :func:`export_course` writes and :func:`import_course` reads)::
     course/
       plan/          CT series + RTSTRUCT + RTPLAN + RTDOSE (the planned dose)
       fraction_001/  the day's CT (or CBCT) series + RTSTRUCT (optional) + RTDOSE (optional, the
-      fraction_002/  dose delivered that day, DoseSummationType FRACTION)
-      ...
+      fraction_002/  dose delivered that day, DoseSummationType FRACTION) + PET series (optional,
+      ...            a PET of that day in the CT's frame of reference, e.g. an interim PET/CT;
+                     read as SUVbw by :func:`twinrt.dicom.pet.read_pet_series`)
 
 Each fraction folder is its own DICOM study of the same patient (StudyDate = the fraction's date,
 StudyDescription ``"TwinRT fraction <n> of <N>"``). On import a folder is a fraction when its
@@ -70,7 +71,14 @@ def export_course(timeline: CaseTimeline, folder: str | Path, fractions: Optiona
     with atomic_dir(folder) as tmp:
         export_case(timeline.planning, tmp / "plan")
         for f in fractions:
-            export_case(_fraction_case(timeline, f), tmp / f"fraction_{f.number:03d}")
+            case = _fraction_case(timeline, f)
+            export_case(case, tmp / f"fraction_{f.number:03d}")
+            if f.pet is not None:
+                from twinrt.dicom.common import DicomContext
+                from twinrt.dicom.pet import write_pet_series
+
+                # the context export_case used (it stores its UIDs in the case's metadata)
+                write_pet_series(f.pet, DicomContext.from_case(case), tmp / f"fraction_{f.number:03d}")
     return folder
 
 
@@ -89,6 +97,7 @@ def import_course(folder: str | Path, n_fractions: Optional[int] = None, planned
         unreadable folder (named).
     """
     from twinrt.dicom.folder import import_case
+    from twinrt.dicom.pet import has_pet_series, read_pet_series
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -140,9 +149,18 @@ def import_course(folder: str | Path, n_fractions: Optional[int] = None, planned
             raise DicomImportError(f"{sub} has no valid StudyDate ({date!r}); the fraction's date is needed",
                                    sub) from exc
         dose = next(iter(case.doses.values()), None)
-        fractions.append(Fraction(number, iso, case.ct, case.structures, dose, case.patient_id,
-                                  str(case.metadata.get("frame_of_reference_uid", "")),
-                                  {"source": "DICOM", "dicom_folder": str(sub)}))
+        frame = str(case.metadata.get("frame_of_reference_uid", ""))
+        pet = None
+        if has_pet_series(sub):
+            pet, pet_ctx = read_pet_series(sub)
+            if pet_ctx.patient_id != case.patient_id or (pet_ctx.frame_of_reference_uid and frame
+                                                          and pet_ctx.frame_of_reference_uid != frame):
+                raise DicomImportError(f"The PET in {sub} (patient '{pet_ctx.patient_id}', frame of reference "
+                                       f"{pet_ctx.frame_of_reference_uid}) is not in the day's CT's patient and frame "
+                                       f"('{case.patient_id}', {frame}): register it to that CT first or remove it",
+                                       sub)
+        fractions.append(Fraction(number, iso, case.ct, case.structures, dose, case.patient_id, frame,
+                                  {"source": "DICOM", "dicom_folder": str(sub)}, pet))
     if n_fractions is None:
         rx = planning.prescriptions
         if not rx:

@@ -35,6 +35,9 @@ density changes do not alter the dose distribution); the truth the twin must rec
 accumulated dose on the planning anatomy, ``Σ_f d(φ_f(x))``.
 
 The tumour follows :mod:`twinrt.twin.response` with known parameters (:attr:`CourseSettings.response`).
+:func:`simulate_pet` makes a PET of a day (SUVbw) from its image and structures, for courses with
+interim PET/CT.
+
 OpenKBP cases have no GTV: :func:`ensure_tumour` adds one as the highest-dose PTV eroded by 5 mm
 (a documented proxy).
 """
@@ -152,6 +155,55 @@ class SimulatedFraction:
     true_warped_dose_gy: np.ndarray
     true_map: np.ndarray
     truth: dict[str, Any] = field(default_factory=dict)
+
+
+#: SUVbw of tissue classes by CT number for :func:`simulate_pet` (upper HU bound, SUV): air, lung/fat,
+#: soft tissue, bone — typical FDG values (fat ≈ 0.3–0.5, muscle ≈ 0.7–1.0, marrow-bearing bone ≈ 1–1.5).
+PET_TISSUE_SUV = ((-500.0, 0.02), (-50.0, 0.4), (300.0, 0.9), (float("inf"), 1.2))
+#: Resolution of the simulated PET: Gaussian blur FWHM (mm) and in-plane voxel size multiplier.
+PET_FWHM_MM = 6.0
+PET_INPLANE_FACTOR = 2
+
+
+def simulate_pet(image: Image, structures: list[Structure], uptake_suv: Mapping[str, float],
+                 rng: np.random.Generator, noise_sd: float = 0.15, fwhm_mm: float = PET_FWHM_MM,
+                 inplane_factor: int = PET_INPLANE_FACTOR) -> Image:
+    """A simulated FDG PET (SUVbw) of a day, on a coarser grid in the same frame of reference.
+
+    SUV is set per tissue class from the CT numbers (:data:`PET_TISSUE_SUV`), then to ``uptake_suv[name]``
+    inside each named structure (later names win), blurred by a Gaussian of ``fwhm_mm`` (scanner
+    resolution), resampled (trilinear) to a grid ``inplane_factor`` × coarser in plane covering the same
+    field of view, and given multiplicative Gaussian noise of relative SD ``noise_sd`` (clipped at 0).
+
+    :param image: the day's CT (HU); ``structures``: on its grid.
+    :return: an :class:`Image` of modality ``"PT"`` (float32 SUVbw).
+    """
+    from scipy.ndimage import gaussian_filter
+
+    from twinrt.geometry import Grid, resample_array
+
+    hu = np.asarray(image.array, dtype=np.float32)
+    suv = np.zeros(hu.shape, dtype=np.float32)
+    lower = -np.inf
+    for upper, value in PET_TISSUE_SUV:
+        suv[(hu >= lower) & (hu < upper)] = value
+        lower = upper
+    for st in structures:
+        if st.name in uptake_suv:
+            if not st.grid.is_same(image.grid):
+                raise InvalidInputError(f"Structure '{st.name}' is not on the image grid")
+            suv[st.mask] = float(uptake_suv[st.name])
+    sigma = [fwhm_mm / 2.3548 / sp for sp in image.grid.spacing_mm[::-1]]  # (k, j, i) voxels
+    suv = gaussian_filter(suv, sigma, mode="nearest")
+    g, f = image.grid, int(inplane_factor)
+    sp = g.spacing_mm
+    origin = np.asarray(g.index_to_lps(np.array([(f - 1) / 2.0, (f - 1) / 2.0, 0.0])))
+    pet_grid = Grid((g.shape[0], max(g.shape[1] // f, 1), max(g.shape[2] // f, 1)), (sp[0] * f, sp[1] * f, sp[2]),
+                    tuple(origin), g.direction)
+    out = resample_array(suv, g, pet_grid, 1, 0.0)
+    if noise_sd > 0:
+        out = out * (1.0 + rng.normal(0.0, noise_sd, out.shape))
+    return Image(np.clip(out, 0.0, None).astype(np.float32), pet_grid, "PT")
 
 
 class CourseSimulator:

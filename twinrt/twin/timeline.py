@@ -1,8 +1,9 @@
 """The treatment course as a timeline: the planning case plus one entry per fraction; saved and reloaded.
 
 A :class:`Fraction` is what arrives on a treatment day: its date, the day's image (CT or CBCT, HU,
-patient LPS), the structures drawn on it (optional) and the dose delivered that day (Gy, on its own
-grid; optional). A :class:`FractionRecord` is what the twin derived from it: the registration to the
+patient LPS), the structures drawn on it (optional), the dose delivered that day (Gy, on its own
+grid; optional) and a PET of that day (SUVbw on its own grid in the same frame of reference, e.g. an
+interim PET/CT; optional). A :class:`FractionRecord` is what the twin derived from it: the registration to the
 planning anatomy (quality figures, Dice of propagated structures), the fraction's dose pulled back
 to the planning grid, and the tumour volume seen that day.
 
@@ -55,6 +56,8 @@ class Fraction:
     :param patient_id: DICOM PatientID of the day's image.
     :param frame_of_reference_uid: its frame of reference ('' when unknown).
     :param metadata: anything else (source folder, series UID, ...).
+    :param pet: a PET of the day (SUVbw, g/ml) on its own grid in the day's frame of reference (the CT of a
+        PET/CT, so the day's structures apply to it after resampling), or ``None``.
     """
 
     number: int
@@ -65,8 +68,16 @@ class Fraction:
     patient_id: str = ""
     frame_of_reference_uid: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+    pet: Optional[Image] = None
 
     def __post_init__(self) -> None:
+        if self.pet is not None:
+            if not isinstance(self.pet, Image):
+                raise InvalidInputError(f"The PET of fraction {self.number} must be a twinrt.model.Image (SUVbw), "
+                                        f"got {type(self.pet).__name__}")
+            if not np.all(np.isfinite(self.pet.array)):
+                raise InvalidInputError(f"The PET of fraction {self.number} has NaN or infinite values; "
+                                        "give SUVbw values (read it with twinrt.dicom.read_pet_series)")
         if int(self.number) < 1:
             raise InvalidInputError(f"Fraction numbers start at 1, got {self.number}")
         self.number = int(self.number)
@@ -234,6 +245,11 @@ class CaseTimeline:
                 doses = {"delivered": f.dose} if f.dose is not None else {}
                 m = _save_image_set(tmp / f"fraction_{f.number:03d}.npz", f.image, f.structures, doses,
                                     {"warped_dose_gy": r.warped_dose_gy})
+                if f.pet is not None:
+                    np.savez_compressed(tmp / f"fraction_{f.number:03d}_pet.npz", image=f.pet.array,
+                                        **_grid_arrays("grid_", f.pet.grid))
+                    m["pet"] = {"file": f"fraction_{f.number:03d}_pet.npz", "modality": f.pet.modality,
+                                "structures": [], "doses": []}
                 m.update({"number": f.number, "date": f.date, "patient_id": f.patient_id,
                           "frame_of_reference_uid": f.frame_of_reference_uid,
                           "metadata": {k: v for k, v in f.metadata.items() if _json_safe(v)},
@@ -276,9 +292,10 @@ class CaseTimeline:
                      metadata=dict(doc.get("metadata", {})))
             for fm in doc["fractions"]:
                 image, st, fd, z = _load_image_set(folder, fm)
+                pet = _load_image_set(folder, fm["pet"])[0] if fm.get("pet") else None
                 tl.fractions.append(Fraction(fm["number"], fm["date"], image, st, fd.get("delivered"),
                                              fm.get("patient_id", ""), fm.get("frame_of_reference_uid", ""),
-                                             dict(fm.get("metadata", {}))))
+                                             dict(fm.get("metadata", {})), pet))
                 r = fm["record"]
                 tl.records.append(FractionRecord(r["number"], r["date"], r["registration"], r["dice"],
                                                  r["tumour_volume_cc"], z["warped_dose_gy"], r.get("seconds", 0.0),
