@@ -26,7 +26,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from twinrt.errors import InvalidInputError, MissingInputError
+from twinrt.errors import InvalidInputError, MissingInputError, reading
 from twinrt.io_utils import write_text_atomic
 
 #: The actor of every action TwinRT's AI takes on its own.
@@ -236,6 +236,7 @@ class AuditLog:
         return write_text_atomic(path, self.to_jsonl())
 
     @classmethod
+    @reading("audit log (JSON lines)", path_arg=1)
     def load(cls, path: str | Path) -> "AuditLog":
         """A log saved by :meth:`save`, verified.
 

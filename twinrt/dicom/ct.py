@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset
 
 from twinrt.dicom.common import (CT_IMAGE_STORAGE, CtReference, DicomContext, base_dataset, new_uid,
                                  read_header, save_dataset)
-from twinrt.errors import DicomImportError, GeometryError, InvalidInputError, MissingInputError
+from twinrt.errors import DicomImportError, GeometryError, InvalidInputError, MissingInputError, reading
 from twinrt.geometry import Grid
 from twinrt.model import Image
 
@@ -131,6 +131,7 @@ class _Slice:
 
 
 # --------------------------------------------------------------------------------------- reading
+@reading("DICOM CT series")
 def read_ct_series(folder: str | Path, series_instance_uid: str | None = None
                    ) -> tuple[Image, CtReference, DicomContext]:
     """Read a CT series from a folder of single-slice CT Image Storage files.

@@ -23,7 +23,7 @@ from twinrt.dicom.common import DicomContext, new_uid
 from twinrt.dicom.ct import list_dicom_files, read_ct_series, write_ct_series
 from twinrt.dicom.rtdose import read_rtdose, write_rtdose
 from twinrt.dicom.rtplan import read_rtplan, write_rtplan
-from twinrt.errors import DicomImportError, InvalidInputError, MissingInputError
+from twinrt.errors import DicomImportError, InvalidInputError, MissingInputError, reading
 from twinrt.io_utils import atomic_dir
 from twinrt.model import Case, Dose, Plan
 
@@ -167,6 +167,7 @@ def export_case(case: Case, folder: str | Path, include: Iterable[str] = ALL_OBJ
     return result
 
 
+@reading("DICOM patient folder")
 def import_case(folder: str | Path) -> Case:
     """Read a patient folder: one CT series plus optional RTSTRUCT, RTDOSE(s) and RTPLAN(s).
 

@@ -35,7 +35,7 @@ from pydicom.dataset import Dataset
 from twinrt.dicom.common import DicomContext, base_dataset, new_uid, save_dataset
 from twinrt.dicom.ct import (_content_hash, _grid_from_slices, _read_rescaled, _select_series, _sorted_slices,
                              format_ds, format_ds_list, list_dicom_files)
-from twinrt.errors import DicomImportError, InvalidInputError, MissingInputError
+from twinrt.errors import DicomImportError, InvalidInputError, MissingInputError, reading
 from twinrt.model import Image
 
 PET_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.128"
@@ -116,6 +116,7 @@ def suv_factor(ds: Dataset, path: Path) -> float:
     return float(weight) * 1000.0 / decayed_bq
 
 
+@reading("DICOM PET series")
 def read_pet_series(folder: str | Path, series_instance_uid: Optional[str] = None) -> tuple[Image, DicomContext]:
     """Read a PET series from a folder of single-slice PET Image Storage files, as SUVbw.
 

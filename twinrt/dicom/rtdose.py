@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 from twinrt.dicom.common import (RT_DOSE_STORAGE, RT_PLAN_STORAGE, DicomContext, base_dataset, new_uid,
                                  read_dicom_object, save_dataset)
 from twinrt.dicom.ct import POSITION_TOL_MM, format_ds, format_ds_list, orientation_axes
-from twinrt.errors import DicomImportError, GeometryError, InvalidInputError
+from twinrt.errors import DicomImportError, GeometryError, InvalidInputError, reading
 from twinrt.geometry import Grid
 from twinrt.model import Dose, validate_dose_array
 
@@ -119,6 +119,7 @@ def write_rtdose(dose: Dose, ctx: DicomContext, path: str | Path, referenced_pla
     return sop_instance_uid
 
 
+@reading("DICOM RTDOSE file")
 def read_rtdose(path: str | Path) -> Dose:
     """Read a grid-based RTDOSE file into a :class:`Dose` in Gy.
 

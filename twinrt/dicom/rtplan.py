@@ -39,7 +39,7 @@ from pydicom.dataset import Dataset
 from twinrt.dicom.common import (RT_PLAN_STORAGE, RT_STRUCTURE_SET_STORAGE, DicomContext, base_dataset, new_uid,
                                  read_dicom_object, save_dataset)
 from twinrt.dicom.ct import format_ds, format_ds_list
-from twinrt.errors import DicomImportError, InvalidInputError
+from twinrt.errors import DicomImportError, InvalidInputError, reading
 from twinrt.model import Plan, Prescription, approval_status
 from twinrt.planning.beams import Beam
 from twinrt.planning.plan import PlanBeam, is_plan_beam_dict
@@ -313,6 +313,7 @@ def _imrt_beam_dataset(beam: PlanBeam, number: int, radiation_type: str) -> Data
     return ds
 
 
+@reading("DICOM RTPLAN file")
 def read_rtplan(path: str | Path) -> Plan:
     """Read an RTPLAN file into a :class:`Plan` (label, prescriptions, approval, beams).
 

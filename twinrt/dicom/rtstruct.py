@@ -30,7 +30,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from twinrt.contours import contours_to_structure_mask, structure_to_contours
 from twinrt.dicom.common import (CtReference, DicomContext, RT_STRUCTURE_SET_STORAGE, base_dataset, new_uid,
                                  read_dicom_object, save_dataset)
-from twinrt.errors import DicomImportError, GeometryError, StructureError
+from twinrt.errors import DicomImportError, GeometryError, StructureError, reading
 from twinrt.model import Image, Structure, StructureType, default_color
 
 logger = logging.getLogger(__name__)
@@ -219,6 +219,7 @@ def _referenced_series(ds: Dataset) -> tuple[set[str], set[str]]:
     return series, frames
 
 
+@reading("DICOM RTSTRUCT file")
 def read_rtstruct(path: str | Path, ct: Image, ct_ref: CtReference | None = None,
                   frame_of_reference_uid: str | None = None) -> list[Structure]:
     """Read a DICOM RT Structure Set as masks on the CT grid.

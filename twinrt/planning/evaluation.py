@@ -38,7 +38,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import numpy as np
 
 from twinrt.dvh import structure_dvh
-from twinrt.errors import InvalidInputError, MissingInputError, StructureError
+from twinrt.errors import InvalidInputError, MissingInputError, StructureError, reading
 from twinrt.model import Case, Dose, Structure
 from twinrt.planning.goals import (COMPARATORS, PRIORITIES, Goal, GoalResult, evaluate_goal,
                                    parse_metric)
@@ -214,6 +214,7 @@ def shipped_goal_sets() -> list[str]:
     return sorted(p.stem for p in GOALSETS_DIR.glob("*.json") if not p.name.endswith(".schema.json"))
 
 
+@reading("goal file (JSON)")
 def load_goal_set(name_or_path: Union[str, Path]) -> GoalSet:
     """Load and validate a goal set.
 

@@ -64,7 +64,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from twinrt.errors import InvalidInputError, MissingInputError
+from twinrt.errors import InvalidInputError, MissingInputError, reading
 from twinrt.io_utils import atomic_path
 from twinrt.toxicity.trajectory import ENDPOINTS, Cohort, OrganTrajectory
 
@@ -90,6 +90,7 @@ class CohortCsvError(InvalidInputError):
 
 
 # ------------------------------------------------------------------------------------------ reading
+@reading("cohort CSV file")
 def _rows(path: Path, required: tuple[str, ...]) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     """Header and (line number, row) of a CSV file, checking the columns."""
     if not path.is_file():

@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from twinrt.errors import InvalidInputError, MissingInputError
+from twinrt.errors import InvalidInputError, MissingInputError, reading
 from twinrt.geometry import Grid
 from twinrt.io_utils import atomic_dir
 from twinrt.model import Case, Dose, Image, Prescription, Structure, StructureType
@@ -264,6 +264,7 @@ class CaseTimeline:
         return folder
 
     @classmethod
+    @reading("TwinRT timeline folder", path_arg=1)
     def load(cls, folder: str | Path) -> "CaseTimeline":
         """Read a folder written by :meth:`save`.
 
