@@ -12,6 +12,10 @@ Needs ../shared/data. Usage::
 
     .venv/bin/python bench/allinone.py --patients 3          # the first three validation patients
     .venv/bin/python bench/allinone.py --patient pt_201 --json out.json
+    .venv/bin/python bench/allinone.py --patients 33 --json bench/results/allinone_33.json   # all, ~1.5 h
+
+Each finished patient is also appended to ``<json>.partial.jsonl``; a patient whose pipeline fails is
+listed under ``failed`` and counts as not kept.
 
 Ends with ``RESULT {json}`` holding ``seconds_total_median``, ``seconds_per_stage`` (median per
 stage), ``share_patients_must_goals_kept`` and per-patient details.
@@ -20,6 +24,7 @@ stage), ``share_patients_must_goals_kept`` and per-patient details.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -31,7 +36,7 @@ import numpy as np
 from openkbp_common import add_patient_arguments, openkbp_goal_set, selected_patients, write_result
 from twinrt.data import load_openkbp
 from twinrt.dicom.folder import export_case
-from twinrt.pipeline import run_pipeline
+from twinrt.pipeline import PipelineError, run_pipeline
 from twinrt.planning.evaluation import evaluate_plan
 
 
@@ -68,21 +73,34 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("RESULT " + '{"skipped": "../shared/data not found"}')
         return 0
     goal_set = openkbp_goal_set()
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for path in paths:
-            row = run_patient(path, goal_set, Path(tmp), not args.no_scene)
-            rows.append(row)
-            print(f"{row['patient']}: {row['seconds_total']:.0f} s, must goals of the reference kept: "
-                  f"{'all' if row['kept_all'] else 'lost ' + '; '.join(row['must_goals_lost'])}; goals met "
-                  f"{row['goals_met_auto']} (reference {row['goals_met_reference']})", flush=True)
+    rows, failed = [], []
+    partial = Path(args.json + ".partial.jsonl") if args.json else None
+    for path in paths:
+        with tempfile.TemporaryDirectory() as tmp:  # one patient's outputs at a time on disk
+            try:
+                row = run_patient(path, goal_set, Path(tmp), not args.no_scene)
+            except PipelineError as exc:  # a failed patient is reported, and counts as not kept
+                failed.append({"patient": path.stem, "error": str(exc), "kept_all": False})
+                print(f"{path.stem}: FAILED {exc}", flush=True)
+                continue
+        rows.append(row)
+        if partial is not None:
+            with partial.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+        print(f"{row['patient']}: {row['seconds_total']:.0f} s, must goals of the reference kept: "
+              f"{'all' if row['kept_all'] else 'lost ' + '; '.join(row['must_goals_lost'])}; goals met "
+              f"{row['goals_met_auto']} (reference {row['goals_met_reference']})", flush=True)
+    if not rows:
+        print("RESULT " + json.dumps({"failed": failed}))
+        return 1
     stages = sorted({s for r in rows for s in r["stages"]}, key=lambda s: list(rows[0]["stages"]).index(s)
                     if s in rows[0]["stages"] else 99)
     per_stage = {s: round(float(np.median([r["stages"][s] for r in rows if s in r["stages"]])), 2) for s in stages}
     summary = {"seconds_total_median": round(float(np.median([r["seconds_total"] for r in rows])), 1),
                "seconds_per_stage": per_stage,
-               "share_patients_must_goals_kept": round(sum(r["kept_all"] for r in rows) / len(rows), 4),
-               "n_patients": len(rows), "patients": [r["patient"] for r in rows]}
+               "share_patients_must_goals_kept": round(sum(r["kept_all"] for r in rows) / (len(rows) + len(failed)), 4),
+               "n_patients": len(rows) + len(failed), "patients": [r["patient"] for r in rows],
+               "failed": failed}
     print(f"median {summary['seconds_total_median']} s per patient; must goals kept on "
           f"{summary['share_patients_must_goals_kept'] * 100:.0f} % of patients")
     return write_result(summary, rows, args.json)

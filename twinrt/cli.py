@@ -410,15 +410,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", type=Path, default=Path("twinrt-output"), help="output folder (default twinrt-output)")
     d.add_argument("--no-scene", action="store_true", help="skip the Slicer scene (.mrb)")
     d.add_argument("--no-plan", action="store_true", help="skip planning (only evaluate the doses in the input)")
-    d.add_argument("--protocol", choices=["head-and-neck"], default=None,
-                   help="also run the AI stages: contour, predict, virtual planner, goals, twin and toxicity baseline")
+    d.add_argument("--protocol", choices=["head-and-neck", "none"], default="head-and-neck",
+                   help="head-and-neck (default): every AI stage (contour, predict, virtual planner, goals, twin "
+                        "and toxicity baseline); none: plan from the prescription only")
     r = sub.add_parser("run", help="run the All-in-One pipeline on a DICOM patient folder")
     r.add_argument("dicom_dir", type=Path)
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--no-scene", action="store_true", help="skip the Slicer scene (.mrb)")
     r.add_argument("--no-plan", action="store_true", help="skip planning (only evaluate the doses in the input)")
-    r.add_argument("--protocol", choices=["head-and-neck"], default=None,
-                   help="also run the AI stages: contour, predict, virtual planner, goals, twin and toxicity baseline")
+    r.add_argument("--protocol", choices=["head-and-neck", "none"], default="none",
+                   help="head-and-neck: also run the AI stages (contour, predict, virtual planner, goals, twin and "
+                        "toxicity baseline); none (default): plan from the prescription only")
     e = sub.add_parser("export", help="write an OpenKBP patient or the TG-119 phantom as DICOM")
     g = e.add_mutually_exclusive_group(required=True)
     g.add_argument("--openkbp", type=Path, help="an OpenKBP pt_N.npz file")
@@ -522,9 +524,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from twinrt.sample import sample_dicom_dir
 
-            return _cmd_run(sample_dicom_dir(), args.out, args.no_scene, args.no_plan, args.protocol)
+            return _cmd_run(sample_dicom_dir(), args.out, args.no_scene, args.no_plan,
+                            None if args.protocol == "none" else args.protocol)
         if args.command == "run":
-            return _cmd_run(args.dicom_dir, args.out, args.no_scene, args.no_plan, args.protocol)
+            return _cmd_run(args.dicom_dir, args.out, args.no_scene, args.no_plan,
+                            None if args.protocol == "none" else args.protocol)
         if args.command == "export":
             return _cmd_export(args)
         if args.command == "dvh":

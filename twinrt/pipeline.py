@@ -24,19 +24,13 @@ from twinrt.io_utils import json_default, write_text_atomic
 from twinrt.model import Case
 from twinrt.progress import CancelToken, ProgressCallback, report
 
-#: Stages that later issues add, in pipeline order, with the issue that builds each.
-#: Stages the All-in-One run does not do yet, with the status the report shows: modules still to
-#: be built name their issue; built ones wait for issue 9 (All-in-One) to be wired in.
-PENDING_STAGES_BEFORE_PLAN = [("contour (AutoContour)", "in the AutoContour module and `twinrt contour`; not in this "
-                                                         "run yet (issue 9)"),
-                              ("dose prediction (DosePredict)", "in the DosePredict module and `twinrt dose-predict`; "
-                                                                "not in this run yet (issue 9)")]
-PENDING_STAGES_AFTER_PLAN = [("planning agent and goals (AIPlanner)", "in the AIPlanner module; not in this run yet "
-                                                                      "(issue 9)"),
-                             ("digital twin (DigitalTwin)", "in the DigitalTwin module and `twinrt twin`; not in this "
-                                                            "run yet (issue 9)"),
-                             ("toxicity risk (ToxicityMonitor)", "in the ToxicityMonitor module and `twinrt toxicity`; "
-                                                                 "not in this run yet (issue 9)")]
+#: Stages a run without ``--protocol`` skips, with the status the report shows (``--protocol
+#: head-and-neck`` runs them all).
+_SKIPPED = "skipped: no --protocol (run with --protocol head-and-neck)"
+PENDING_STAGES_BEFORE_PLAN = [("contour (AutoContour)", _SKIPPED), ("dose prediction (DosePredict)", _SKIPPED)]
+PENDING_STAGES_AFTER_PLAN = [("planning agent and goals (AIPlanner)", _SKIPPED),
+                             ("digital twin (DigitalTwin)", _SKIPPED),
+                             ("toxicity risk (ToxicityMonitor)", _SKIPPED)]
 #: Name of the dose of TwinRT's own plan in the case and the outputs.
 PLANNED_DOSE = "planned"
 #: Protocols of ``twinrt run --protocol``: the goal set the virtual planner plans for and the models
@@ -186,6 +180,19 @@ def run_pipeline(dicom_dir: str | Path, out_dir: str | Path, write_scene: bool =
         timings.append((name, time.perf_counter() - t0, "done"))
         return value
 
+    def log_stages(case: Case) -> None:
+        # Every computing stage that finished goes into the case's audit log (exported with the DICOM
+        # files as AUDIT.jsonl and shown in the report); stage names and figures only, no patient data.
+        from twinrt.audit import AuditLog
+
+        audit = AuditLog.of_case(case)
+        for name, seconds, status in timings:
+            if status == "done":
+                audit.ai_action(f"All-in-One stage '{name}' done", {
+                    "stage": name, "seconds": round(seconds, 2), "pipeline": f"twinrt {twinrt.__version__}",
+                    "protocol": protocol or "none",
+                    **({"models": dict(models)} if models and ("AutoContour" in name or "DosePredict" in name) else {})})
+
     case = stage("import DICOM", 0, lambda: import_case(dicom_dir))
     result = PipelineResult(case)
     sections: list[Any] = []
@@ -224,6 +231,8 @@ def run_pipeline(dicom_dir: str | Path, out_dir: str | Path, write_scene: bool =
     overlay = case.doses.get(PLANNED_DOSE) or next(iter(case.doses.values()))
     metrics, curves = stage("DVH metrics", 2, lambda: _dose_curves(case))
     result.metrics = metrics
+    log_stages(case)
+    sections.append(_audit_section(case))
     dicom_out = out / "dicom"
     result.outputs["dicom"] = dicom_out
     state["files"] = stage("write DICOM-RT", 3, lambda: export_case(case, dicom_out))
@@ -249,6 +258,25 @@ def run_pipeline(dicom_dir: str | Path, out_dir: str | Path, write_scene: bool =
     result.timings = timings
     report(progress, 1.0, "done")
     return result
+
+
+def _audit_section(case: Case) -> Any:
+    """The report's "Audit log" section: every entry of the case's log and whether its hash chain holds."""
+    import html as _html
+
+    from twinrt.audit import AuditLog, AuditLogError
+    from twinrt.report import ReportSection, metrics_table_html
+
+    audit = AuditLog.of_case(case)
+    try:
+        audit.verify()
+        status = f"hash chain verified ({len(audit)} entries); head sha256 <code>{audit.head}</code>"
+    except AuditLogError as exc:
+        status = f"<b>hash chain broken</b>: {_html.escape(str(exc))}"
+    rows = [{"#": e.get("seq"), "time (UTC)": e.get("timestamp"), "actor": e.get("actor"), "kind": e.get("kind"),
+             "message": e.get("message")} for e in audit.entries]
+    return ReportSection("Audit log", f"<p>{status}. The log is written beside the DICOM files "
+                                      f"(<code>dicom/AUDIT.jsonl</code>).</p>" + metrics_table_html(rows))
 
 
 def _ai_stages(case: Case, protocol: dict[str, Any], stage: Callable[[str, int, Callable[[], Any]], Any], steps: int,

@@ -191,6 +191,86 @@ class TwinRTWorkflowTest(unittest.TestCase):
             self.assertEqual([s.name for s in back.structures], [s.name for s in case.structures], name)
             self.assertTrue(np.array_equal(back.doses["reference"].array, case.doses["reference"].array), name)
 
+    def test_allInOneFiveModulesOnOneScene(self):
+        """The All-in-One pipeline from Slicer: the five modules' Logic in order on one scene, each
+        reading what the previous one wrote (issue 9).
+
+        AutoContour adds the organs the user did not draw (the user's kept), DosePredict predicts from
+        the completed segmentation, AIPlanner plans from that prediction, DigitalTwin takes the plan and
+        a simulated first week, ToxicityMonitor scores the twin's organs. On the bundled sample patient
+        (skipped without it); the plan uses a coarse 5-beam set-up so the test stays short.
+        """
+        import dataclasses
+
+        from twinrt.planning.workflow import PlanSetup
+        from twinrt.sample import SAMPLE_DICOM_DIR, load_sample_case
+
+        if not any(SAMPLE_DICOM_DIR.glob("*.dcm")):
+            self.skipTest("the bundled sample patient is not built (twinrt/data/sample)")
+        if slicer_harness is not None and not isRealSlicer():
+            modules = {name: slicer_harness.importModule(name) for name in slicer_harness.MODULE_NAMES}
+        else:
+            import importlib
+
+            modules = {name: importlib.import_module(name) for name in
+                       ("AutoContour", "DosePredict", "AIPlanner", "DigitalTwin", "ToxicityMonitor")}
+        logic = {name: getattr(module, f"{name}Logic")() for name, module in modules.items()}
+        full = load_sample_case()
+        # The user drew the targets and the parotids; the network adds the rest.
+        userNames = ["PTV56", "PTV63", "PTV70", "RightParotid", "LeftParotid"]
+        case = dataclasses.replace(full, structures=[s for s in full.structures if s.name in userNames],
+                                   doses={}, metadata=dict(full.metadata))
+        created = mrmlio.caseToScene(case, self.scene)
+        ct, segmentation = created["ct"], created["segmentation"]
+
+        userStructures = mrmlio.structuresFromSegmentation(segmentation, ct)
+        contours = logic["AutoContour"].segmentCT(ct, segmentation, mcSamples=0)
+        names = set(logic["AutoContour"].segmentNames(segmentation))
+        self.assertTrue({"PTV70", "RightParotid", "LeftParotid"} <= names)
+        self.assertTrue(any("esophagus" in n.lower() for n in contours["added"]), contours["added"])
+        self.assertTrue(any("parotid" in n.lower() for n in contours["kept"]), contours["kept"])
+        self.assertFalse(any("parotid" in n.lower() for n in contours["added"]), contours["added"])
+        self.assertEqual(len(contours["sha256"]), 64)
+        after = {s.name: s for s in mrmlio.structuresFromSegmentation(segmentation, ct)}
+        for s in userStructures:  # the user's own contours are kept voxel for voxel
+            self.assertTrue(np.array_equal(after[s.name].mask, s.mask), s.name)
+
+        prediction = logic["DosePredict"].predictDose(ct, segmentation, mcSamples=0)
+        predicted = prediction["predictedDose"]
+        self.assertTrue(mrmlio.isDoseVolumeNode(predicted))
+        predictedArray = slicer.util.arrayFromVolume(predicted)
+        self.assertGreater(float(predictedArray.max()), 60.0)
+
+        setup = PlanSetup.equispaced(5, 10.0, dose_grid_mm=5.0, max_iter=60, levels=8)
+        plan = logic["AIPlanner"].createPlanFromPrediction(ct, segmentation, ["PTV70"], 70.0, 35, predicted,
+                                                            setup=setup)
+        planned = plan["plannedDose"]
+        self.assertTrue(mrmlio.isDoseVolumeNode(planned))
+        self.assertNotEqual(planned.GetID(), predicted.GetID())
+        back = logic["AIPlanner"].sceneToCase(self.scene, ct, segmentation)
+        from twinrt import dvh
+
+        ptv = dvh.structure_dvh(back.doses[plan["doseName"]], back.structure("PTV70"))
+        self.assertGreater(ptv.mean_gy, 60.0)
+
+        twinLogic = logic["DigitalTwin"]
+        course = twinLogic.simulateCourse(ct, planned, 35, segmentation=segmentation, upTo=3,
+                                          startDate="2026-01-05")
+        self.assertEqual(twinLogic.twin.delivered, 3)
+        self.assertTrue(mrmlio.isDoseVolumeNode(course["accumulatedDose"]))
+
+        risk = logic["ToxicityMonitor"].monitor(twinLogic, scene=self.scene)
+        organs = set(risk["risks"])
+        self.assertTrue({"RightParotid", "LeftParotid"} <= organs, organs)
+        self.assertTrue(all(len(v) == 3 for v in risk["risks"].values()))
+        self.assertEqual(risk["modelId"], "toxicity-gruae-v2")
+        self.assertEqual(risk["table"].GetScene(), self.scene)
+        # Everything sits in the one patient study of the scene.
+        sh = self.scene.GetSubjectHierarchyNode()
+        study = sh.GetItemParent(sh.GetItemByDataNode(ct))
+        for node in (segmentation, predicted, planned, course["accumulatedDose"], risk["table"]):
+            self.assertEqual(sh.GetItemParent(sh.GetItemByDataNode(node)), study, node.GetName())
+
     def test_badInputLeavesSceneUnchanged(self):
         """A NaN dose and a segmentation that does not reference the CT: typed errors, scene unchanged."""
         from twinrt.errors import DoseError, GeometryError, MissingInputError
