@@ -33,8 +33,16 @@ def ras_to_lps(points: Sequence[float] | np.ndarray) -> np.ndarray:
     return np.asarray(points, dtype=float) * np.array([-1.0, -1.0, 1.0])
 
 
+#: The most voxels a grid may have (2³¹ ≈ 2.1 billion: e.g. 2000 slices of 1024 x 1024); larger is a
+#: wrong header or unit, not an image TwinRT could hold in memory.
+MAX_VOXELS = 2 ** 31
+
+
 def _as_vec3(values: Sequence[float], name: str) -> tuple[float, float, float]:
-    arr = np.asarray(values, dtype=float).reshape(-1)
+    try:
+        arr = np.asarray(values, dtype=float).reshape(-1)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"{name} must be three finite numbers, got {values!r}") from None
     if arr.shape != (3,) or not np.all(np.isfinite(arr)):
         raise InvalidInputError(f"{name} must be three finite numbers, got {values!r}")
     return (float(arr[0]), float(arr[1]), float(arr[2]))
@@ -56,9 +64,15 @@ class Grid:
     direction: np.ndarray = field(default_factory=lambda: np.eye(3))
 
     def __post_init__(self) -> None:
-        shape = tuple(int(s) for s in self.shape)
+        try:
+            shape = tuple(int(s) for s in self.shape)
+        except (TypeError, ValueError):
+            raise InvalidInputError(f"Grid shape must be three positive sizes (nk, nj, ni), got {self.shape!r}") from None
         if len(shape) != 3 or min(shape) < 1:
             raise InvalidInputError(f"Grid shape must be three positive sizes (nk, nj, ni), got {self.shape!r}")
+        if int(np.prod(shape, dtype=np.int64)) > MAX_VOXELS:
+            raise InvalidInputError(f"A grid of {shape[0]} x {shape[1]} x {shape[2]} voxels is absurdly large "
+                                    f"(over {MAX_VOXELS:,}); check the image header (slice count, rows, columns)")
         spacing = _as_vec3(self.spacing_mm, "spacing_mm")
         if min(spacing) <= 0:
             raise InvalidInputError(f"Voxel spacing must be positive (mm), got {spacing!r}")

@@ -42,18 +42,60 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def exchange_paths(a: str | Path, b: str | Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    :return: ``False`` where the system or filesystem cannot (then nothing changed).
+    :raises OSError: the exchange failed for another reason.
+    """
+    import ctypes
+    import errno
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+def _restore_moved_aside(path: Path) -> None:
+    """A run killed between the two renames of :func:`atomic_dir`'s fallback left ``path`` missing and
+    the previous folder at ``.<name>.old-<pid>``: put it back."""
+    if path.exists():
+        return
+    olds = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds:
+        os.replace(olds[-1], path)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary folder next to ``path``; on success it replaces ``path`` as a whole.
 
-    An existing ``path`` is moved aside and deleted only after the new folder is in place.
+    An existing ``path`` is swapped with the new folder in one atomic step where Linux allows it
+    (:func:`exchange_paths`), so a kill at any moment leaves either the previous folder or the new
+    one; elsewhere it is moved aside first, and a run killed between the two renames gets the
+    previous folder back on the next write (:func:`_restore_moved_aside`). The previous folder is
+    deleted only after the new one is in place.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _restore_moved_aside(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
     try:
         yield tmp
+        if path.exists() and path.is_dir() and exchange_paths(tmp, path):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous folder
+            return
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")

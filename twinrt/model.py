@@ -8,6 +8,7 @@ exporters and the Slicer scene adapter write.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,12 @@ class Image:
     def __post_init__(self) -> None:
         self.array = np.asarray(self.array)
         self.grid.check_array(self.array, f"{self.modality} image")
+        if self.array.dtype.kind not in "biuf":
+            raise InvalidInputError(f"A {self.modality} image holds numbers; got an array of {self.array.dtype}")
+        if self.array.dtype.kind == "f" and not np.isfinite(self.array).all():
+            bad = int(np.count_nonzero(~np.isfinite(self.array)))
+            raise InvalidInputError(f"The {self.modality} image has {bad} NaN or infinite voxels; fill them "
+                                    "(e.g. with -1000 HU outside the field of view) or re-export the image")
 
     @property
     def spacing_mm(self) -> tuple[float, float, float]:
@@ -184,7 +191,7 @@ class Prescription:
     fractions: int
 
     def __post_init__(self) -> None:
-        if self.dose_gy <= 0 or self.fractions < 1:
+        if not (math.isfinite(float(self.dose_gy)) and self.dose_gy > 0) or self.fractions < 1:
             raise InvalidInputError(f"Prescription for '{self.target}' needs dose > 0 Gy and >= 1 fraction")
 
     @property

@@ -331,6 +331,24 @@ def guess_patient_position(direction: np.ndarray) -> str:
                                                                               int(np.sign(col[1])))]
 
 
+def save_series(datasets: Sequence[Dataset], folder: Path, prefix: str) -> list[Path]:
+    """Write one file per slice (``<prefix>_0001.dcm``, ...) into ``folder``, all or none: the files
+    already written (and a folder created here) are removed when a later one fails."""
+    created_folder = not folder.exists()
+    written: list[Path] = []
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for k, ds in enumerate(datasets):
+            written.append(save_dataset(ds, folder / f"{prefix}_{k + 1:04d}.dcm"))
+    except BaseException:
+        for p in written:
+            p.unlink(missing_ok=True)
+        if created_folder and folder.exists() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
+    return written
+
+
 def write_ct_series(image: Image, ctx: DicomContext, folder: str | Path, series_instance_uid: str | None = None,
                     series_number: int = 1, sop_instance_uids: Sequence[str] | None = None,
                     series_description: str = "TwinRT CT", patient_position: str | None = None
@@ -412,16 +430,5 @@ def write_ct_series(image: Image, ctx: DicomContext, folder: str | Path, series_
         ds.PixelRepresentation = 1
         ds.PixelData = np.ascontiguousarray(pixels[k]).astype("<i2").tobytes()
         datasets.append(ds)
-    created_folder = not folder.exists()
-    written: list[Path] = []
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        for k, ds in enumerate(datasets):
-            written.append(save_dataset(ds, folder / f"CT_{k + 1:04d}.dcm"))
-    except BaseException:
-        for p in written:
-            p.unlink(missing_ok=True)
-        if created_folder and folder.exists() and not any(folder.iterdir()):
-            folder.rmdir()
-        raise
+    save_series(datasets, folder, "CT")
     return CtReference(series_instance_uid, sop_instance_uids, CT_IMAGE_STORAGE)

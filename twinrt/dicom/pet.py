@@ -32,8 +32,8 @@ from typing import Optional
 import numpy as np
 from pydicom.dataset import Dataset
 
-from twinrt.dicom.common import DicomContext, base_dataset, new_uid, save_dataset
-from twinrt.dicom.ct import (_content_hash, _grid_from_slices, _read_rescaled, _select_series, _sorted_slices,
+from twinrt.dicom.common import DicomContext, base_dataset, new_uid
+from twinrt.dicom.ct import (_content_hash, _grid_from_slices, _read_rescaled, _select_series, _sorted_slices, save_series,
                              format_ds, format_ds_list, list_dicom_files)
 from twinrt.errors import DicomImportError, InvalidInputError, MissingInputError, reading
 from twinrt.model import Image
@@ -238,15 +238,7 @@ def write_pet_series(image: Image, ctx: DicomContext, folder: str | Path, weight
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
         ds.PixelData = np.ascontiguousarray(pixels).tobytes()
         datasets.append(ds)
-    written: list[Path] = []
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        for k, ds in enumerate(datasets):
-            written.append(save_dataset(ds, folder / f"PT_{k + 1:04d}.dcm"))
-    except BaseException:
-        for p in written:
-            p.unlink(missing_ok=True)
-        raise
+    save_series(datasets, folder, "PT")
     return folder
 
 
