@@ -33,15 +33,27 @@ def _cli(*argv: str) -> Callable[[Path], None]:
 
         from twinrt.cli import main
 
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            try:
-                code = main([a.replace("{tmp}", str(tmp)) for a in argv])
-            except SystemExit as exc:  # argparse refuses a bad option itself
-                code = exc.code
+        import logging
+
+        err, debug = io.StringIO(), io.StringIO()
+        handler = logging.StreamHandler(debug)
+        cli_log = logging.getLogger("twinrt.cli")
+        cli_log.addHandler(handler)
+        level = cli_log.level
+        cli_log.setLevel(logging.DEBUG)
+        try:
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                try:
+                    code = main([a.replace("{tmp}", str(tmp)) for a in argv])
+                except SystemExit as exc:  # argparse refuses a bad option itself
+                    code = exc.code
+        finally:
+            cli_log.removeHandler(handler)
+            cli_log.setLevel(level)
         assert code == 2, (code, err.getvalue())
         assert err.getvalue().strip(), "no message"
-        raise _CliRefused(err.getvalue().strip().splitlines()[-1])
+        refused = debug.getvalue().strip().removeprefix("refused with ") or "usage"
+        raise _CliRefused(f"{refused}: {err.getvalue().strip().splitlines()[-1]}")
     return run
 
 
@@ -49,10 +61,18 @@ class _CliRefused(TwinRTError):
     """Marks a CLI row that ended with exit status 2 and a message (see :func:`_cli`)."""
 
 
-def _export(tmp: Path, other_patient_dose: bool = False, gap: bool = False) -> Path:
+def _build_cohort(tmp: Path) -> None:
+    from tests.fuzz_targets import TARGETS
+
+    TARGETS["cohort_csv"]._build(tmp)
+
+
+def _export(tmp: Path, other_patient_dose: bool = False, gap: bool = False, no_target: bool = False) -> Path:
     from twinrt.dicom.folder import export_case
 
     case = small_case()
+    if no_target:
+        case.structures = [s for s in case.structures if s.type.value != "TARGET"]
     folder = tmp / "case"
     files = export_case(case, folder)
     if other_patient_dose:
@@ -154,14 +174,14 @@ FULL = np.ones(G.shape, bool)
 
 #: (entry point, bad input, the error's class name, the call). The README's table has the same rows.
 ROWS: list[tuple[str, str, str, Callable[[Path], object]]] = [
-    ("`twinrt run DIR`", "folder does not exist", "MissingInputError (exit 2)",
+    ("`twinrt run DIR`", "folder does not exist", "MissingInputError (exit 2, stage 'import DICOM')",
      _cli("run", "{tmp}/nope", "--out", "{tmp}/out", "--no-scene")),
-    ("`twinrt run DIR`", "folder without a CT series", "MissingInputError (exit 2)",
+    ("`twinrt run DIR`", "folder without a CT series", "MissingInputError (exit 2, stage 'import DICOM')",
      lambda tmp: (tmp.joinpath("empty").mkdir(), _cli("run", "{tmp}/empty", "--out", "{tmp}/out")(tmp))),
-    ("`twinrt run DIR`", "an RTDOSE of another patient in the folder", "DicomImportError (exit 2)",
+    ("`twinrt run DIR`", "an RTDOSE of another patient in the folder", "DicomImportError (exit 2, stage 'import DICOM')",
      lambda tmp: (_export(tmp, other_patient_dose=True), _cli("run", "{tmp}/case", "--out", "{tmp}/out",
                                                               "--no-scene", "--no-plan")(tmp))),
-    ("`twinrt run DIR`", "a CT series with a missing slice", "DicomImportError (exit 2)",
+    ("`twinrt run DIR`", "a CT series with a missing slice", "DicomImportError (exit 2, stage 'import DICOM')",
      lambda tmp: (_export(tmp, gap=True), _cli("run", "{tmp}/case", "--out", "{tmp}/out", "--no-scene")(tmp))),
     ("`twinrt run DIR --protocol P`", "unknown protocol", "usage error (exit 2)",
      _cli("run", "{tmp}", "--out", "{tmp}/out", "--protocol", "prostate")),
@@ -173,6 +193,24 @@ ROWS: list[tuple[str, str, str, Callable[[Path], object]]] = [
                   (tmp / "outcomes.csv").write_text("patient_id,organ,endpoint,grade,onset_fraction\n"
                                                     "P1,Esophagus,esophagitis,0,\n"),
                   _cli("toxicity", "evaluate", "{tmp}")(tmp))),
+    ("`twinrt export --openkbp FILE`", "file does not exist", "MissingInputError (exit 2)",
+     _cli("export", "--openkbp", "{tmp}/pt_1.npz", "--out", "{tmp}/out")),
+    ("`twinrt plan DIR`", "a target that is not a structure", "StructureError (exit 2)",
+     lambda tmp: (_export(tmp), _cli("plan", "{tmp}/case", "--out", "{tmp}/out", "--target", "Nope", "--dose-gy", "70",
+                                     "--fractions", "35")(tmp))),
+    ("`twinrt validate DIR`", "folder does not exist", "MissingInputError (exit 2)",
+     _cli("validate", "{tmp}/nope")),
+    ("`twinrt dose-predict predict DIR`", "no PTV among the structures", "StructureError (exit 2)",
+     lambda tmp: (_export(tmp, no_target=True), _cli("dose-predict", "predict", "{tmp}/case", "--out",
+                                                     "{tmp}/out")(tmp))),
+    ("`twinrt contour oar DIR`", "folder without a CT series", "MissingInputError (exit 2)",
+     lambda tmp: (tmp.joinpath("empty").mkdir(), _cli("contour", "oar", "{tmp}/empty", "--out", "{tmp}/out")(tmp))),
+    ("`twinrt twin run COURSE`", "a course folder without a plan folder", "MissingInputError (exit 2)",
+     lambda tmp: (tmp.joinpath("course").mkdir(), _cli("twin", "run", "{tmp}/course", "--out", "{tmp}/out")(tmp))),
+    ("`twinrt toxicity predict DIR --model M`", "model file does not exist", "MissingInputError (exit 2)",
+     lambda tmp: (_build_cohort(tmp), _cli("toxicity", "predict", "{tmp}", "--model", "{tmp}/none.pt")(tmp))),
+    ("`twinrt toxicity simulate-cohort --pet-fractions F`", "fraction 0", "usage error (exit 2)",
+     _cli("toxicity", "simulate-cohort", "--seed", "1", "--pet-fractions", "0,5", "--out", "{tmp}/c")),
     ("`Grid(shape, spacing_mm)`", "spacing NaN or text", "InvalidInputError",
      lambda tmp: Grid((2, 2, 2), ("a", 1.0, 1.0))),
     ("`Grid(shape, spacing_mm)`", "absurd size (100000³ voxels)", "InvalidInputError",
@@ -227,12 +265,14 @@ ROWS: list[tuple[str, str, str, Callable[[Path], object]]] = [
 @pytest.mark.parametrize("row", ROWS, ids=[f"{r[0]} | {r[1]}" for r in ROWS])
 def test_bad_input_gets_its_typed_error(row, tmp_path):
     entry, bad, error, call = row
-    if "predict_case" in entry or "contour_case" in entry or "ToxicityModel" in entry:
+    if any(k in entry for k in ("predict_case", "contour_case", "ToxicityModel", "dose-predict", "contour oar",
+                                "toxicity predict")):
         pytest.importorskip("torch")
     with pytest.raises(TwinRTError) as info:
         call(tmp_path)
-    if isinstance(info.value, _CliRefused):  # exit status 2 and a one-line message
+    if isinstance(info.value, _CliRefused):  # exit status 2, a one-line message, the typed error behind it
         assert "error:" in str(info.value), str(info.value)
+        assert str(info.value).split(":")[0] == error.split(" ")[0], (str(info.value), error)
     else:
         assert type(info.value).__name__ == error.split(" ")[0], (type(info.value).__name__, str(info.value))
     assert len(str(info.value)) > 20  # says what is wrong (and what to do)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -557,6 +558,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_toxicity_command(args, _print_progress)
     except TwinRTError as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
+        # The typed error behind it (a failed pipeline stage's cause), for tests and bug reports.
+        root = exc.__cause__ if isinstance(exc.__cause__, TwinRTError) else exc
+        logging.getLogger(__name__).debug("refused with %s", type(root).__name__)
         return 2
     return 2
 
