@@ -55,7 +55,7 @@ class ToxicityMonitor(ScriptedLoadableModule):
 Follows the risk of toxicity (CTCAE grade 1 or more during the course) of each organ with a toxicity
 endpoint (parotids: xerostomia, esophagus: esophagitis, lungs: pneumonitis, heart: cardiac) after every
 fraction the DigitalTwin module accepted. A recurrent model scores the organ's accumulated BED dose-volume,
-dosiomics and radiomics features; the LKB NTCP of the planned dose is shown as a baseline. The results are
+dosiomics and radiomics features (the day's CT, and its PET when the fraction has one); the LKB NTCP of the planned dose is shown as a baseline. The results are
 a table (one row per organ and fraction) and a chart; organs whose risk reached the threshold are listed
 with the fraction where it first did.
 <br>The shipped model was trained on a <i>simulated</i> development cohort: its risks are not calibrated
