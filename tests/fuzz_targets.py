@@ -77,14 +77,15 @@ class Target:
         self._load(self.path)  # the seed itself must import, without any error
         return self
 
-    def load(self, data: bytes) -> None:
-        """Put ``data`` in place of the fuzzed file and run the importer; TwinRT errors are fine."""
+    def load(self, data: bytes) -> Optional[TwinRTError]:
+        """Put ``data`` in place of the fuzzed file and run the importer; TwinRT errors are fine (returned)."""
         assert self.path is not None, "call setup() first"
         self.path.write_bytes(data)
         try:
             self._load(self.path)
-        except TwinRTError:
-            pass
+        except TwinRTError as exc:
+            return exc
+        return None
 
 
 # ------------------------------------------------------------------------------------------ builders

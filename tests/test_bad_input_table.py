@@ -8,7 +8,6 @@ before and after) are in ``Testing/Python/TwinRTBadInputTest.py``.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -102,13 +101,10 @@ def _twin_refuses_other_patient(tmp: Path) -> None:
 
 
 def _toxicity_weights_changed(tmp: Path) -> None:
-    from twinrt.toxicity.cli import shipped_model_path
+    from tests.fuzz_targets import TARGETS
     from twinrt.toxicity.model import ToxicityModel
 
-    src = shipped_model_path()
-    for suffix in (".pt", ".json"):
-        shutil.copyfile(src.with_suffix(suffix), tmp / (src.stem + suffix))
-    weights = tmp / (src.stem + ".pt")
+    weights = TARGETS["toxicity_manifest"]._build(tmp).with_suffix(".pt")  # a copy of the shipped model
     data = bytearray(weights.read_bytes())
     data[-100] ^= 0xFF
     weights.write_bytes(bytes(data))

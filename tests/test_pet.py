@@ -65,6 +65,24 @@ def test_suv_factor_by_hand(tmp_path):
     del rp.RadiopharmaceuticalStartDateTime
     rp.RadiopharmaceuticalStartTime, ds2.SeriesTime = "233000", "003000"
     assert suv_factor(ds2, path) == pytest.approx(expected, rel=1e-9)
+    # QIBA: the earlier of series and acquisition time (a rewritten, later SeriesTime is not used).
+    _, ds3 = _slice(tmp_path)
+    ds3.SeriesTime = "130000"  # an hour after the acquisition (12:00)
+    assert suv_factor(ds3, path) == pytest.approx(expected, rel=1e-9)
+
+
+def test_attenuation_corrected_series_is_chosen(tmp_path):
+    """An export with the corrected and the uncorrected reconstruction: the corrected one is read."""
+    pet = _pet()
+    write_pet_series(pet, _ctx(), tmp_path / "pt", series_number=2)
+    nac = Image(pet.array * 0.3, pet.grid, "PT")
+    write_pet_series(nac, _ctx(), tmp_path / "nac", series_number=3, series_description="NAC")
+    for p in (tmp_path / "nac").glob("*.dcm"):
+        ds = pydicom.dcmread(p)
+        ds.CorrectedImage = ["DECY"]
+        ds.save_as(tmp_path / "pt" / f"NAC_{p.name}")
+    back, _ = read_pet_series(tmp_path / "pt")
+    assert np.allclose(back.array, pet.array, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("change, words", [
@@ -72,6 +90,9 @@ def test_suv_factor_by_hand(tmp_path):
     (lambda ds: delattr(ds, "PatientWeight"), "PatientWeight"),
     (lambda ds: setattr(ds, "DecayCorrection", "NONE"), "DecayCorrection"),
     (lambda ds: setattr(ds, "CorrectedImage", ["DECY"]), "attenuation"),
+    (lambda ds: delattr(ds, "CorrectedImage"), "attenuation"),
+    (lambda ds: setattr(ds, "PatientWeight", "70000"), "kg"),
+    (lambda ds: setattr(ds.RadiopharmaceuticalInformationSequence[0], "RadionuclideTotalDose", "inf"), "TotalDose"),
     (lambda ds: delattr(ds, "RadiopharmaceuticalInformationSequence"), "Radiopharmaceutical"),
     (lambda ds: delattr(ds.RadiopharmaceuticalInformationSequence[0], "RadionuclideTotalDose"), "TotalDose"),
     (lambda ds: delattr(ds.RadiopharmaceuticalInformationSequence[0], "RadionuclideHalfLife"), "HalfLife"),
@@ -94,8 +115,9 @@ def test_pet_reader_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(MissingInputError, match="No PET"):
         read_pet_series(tmp_path / "empty")
-    with pytest.raises(InvalidInputError):
-        write_pet_series(Image(np.full((2, 3, 3), np.nan, np.float32), Grid((2, 3, 3), (1.0, 1.0, 1.0))), _ctx(), tmp_path / "x")
+    with pytest.raises(InvalidInputError, match="non-negative"):
+        write_pet_series(Image(np.full((2, 3, 3), -1.0, np.float32), Grid((2, 3, 3), (1.0, 1.0, 1.0))), _ctx(),
+                         tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 
@@ -136,8 +158,8 @@ def test_fraction_refuses_a_bad_pet():
     ct = Image(np.zeros((2, 3, 3), np.int16), Grid((2, 3, 3), (1.0, 1.0, 1.0)))
     with pytest.raises(InvalidInputError, match="PET"):
         Fraction(1, "2026-11-02", ct, pet=np.zeros((2, 3, 3)))
-    with pytest.raises(InvalidInputError, match="NaN"):
-        Fraction(1, "2026-11-02", ct, pet=Image(np.full((2, 3, 3), np.nan, np.float32), Grid((2, 3, 3), (1.0, 1.0, 1.0)), "PT"))
+    with pytest.raises(InvalidInputError, match="NaN"):  # the Image itself refuses it
+        Image(np.full((2, 3, 3), np.nan, np.float32), Grid((2, 3, 3), (1.0, 1.0, 1.0)), "PT")
 
 
 # ------------------------------------------------------------------------------------------ course

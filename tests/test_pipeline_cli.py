@@ -21,16 +21,46 @@ def demo_run(tmp_path_factory):
     """``twinrt demo`` (the README's first command's job): the head-and-neck protocol on the sample, once."""
     if not any(SAMPLE_DICOM_DIR.glob("*.dcm")):
         pytest.skip("bundled sample not built")
+    pytest.importorskip("torch", reason="the AI stages need torch (pip install 'twinrt[ai]')")
+    import contextlib
+    import io
+    import logging
+
     out = tmp_path_factory.mktemp("demo") / "out"
     with_scene = _has_slicer_core()
-    code = main(["demo", "--out", str(out)] + ([] if with_scene else ["--no-scene"]))
-    return code, out, with_scene
+    # Everything the run prints or logs (DEBUG and up), to check that no patient identifier is in it.
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+            code = main(["demo", "--out", str(out)] + ([] if with_scene else ["--no-scene"]))
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    return code, out, with_scene, buffer.getvalue()
+
+
+def test_demo_logs_hold_no_patient_identifier(demo_run):
+    """Every AI stage ran and logged (DEBUG and up): neither the sample's patient name nor ID is printed."""
+    import pydicom
+
+    code, out, _, logs = demo_run
+    assert code == 0
+    ds = pydicom.dcmread(sorted(SAMPLE_DICOM_DIR.glob("*.dcm"))[0], stop_before_pixels=True)
+    logs = logs.replace(str(SAMPLE_DICOM_DIR), "<sample folder>")  # the input folder's own name is the user's
+    assert "contour (AutoContour)" in logs and "Research use only" in logs
+    for identifier in (str(ds.PatientID), str(ds.PatientName), str(ds.PatientName).replace("^", " ")):
+        assert identifier not in logs, identifier
 
 
 def test_demo_writes_dicom_scene_and_report(demo_run, capsys):
     from twinrt.dicom.validate import dciodvfy_path, validate_folder
 
-    code, out, with_scene = demo_run
+    code, out, with_scene, _ = demo_run
     assert code == 0
     dicom = out / "dicom"
     modalities = {p.stem.split("_")[0].upper() for p in dicom.glob("*.dcm")}
@@ -59,7 +89,7 @@ def test_demo_runs_every_ai_stage(demo_run):
     from twinrt.model import approval_status
     from twinrt.twin.timeline import CaseTimeline
 
-    code, out, _ = demo_run
+    code, out, _, _ = demo_run
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     stages = {name: status for name, _, status in summary["timings"]}

@@ -236,7 +236,7 @@ class AuditLog:
         return write_text_atomic(path, self.to_jsonl())
 
     @classmethod
-    @reading("audit log (JSON lines)", path_arg=1)
+    @reading("audit log (JSON lines)")
     def load(cls, path: str | Path) -> "AuditLog":
         """A log saved by :meth:`save`, verified.
 
@@ -246,7 +246,10 @@ class AuditLog:
         path = Path(path)
         if not path.is_file():
             raise MissingInputError(f"Audit log {path} does not exist", path)
-        return cls.from_jsonl(path.read_text(encoding="utf-8"))
+        try:
+            return cls.from_jsonl(path.read_text(encoding="utf-8"))
+        except AuditLogError as exc:
+            raise AuditLogError(f"{path}: {exc}", exc.index) from exc
 
     def extends(self, other: "AuditLog | Iterable[dict[str, Any]]") -> bool:
         """True when ``other``'s entries are the first entries of this log (append-only growth).

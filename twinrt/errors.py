@@ -71,38 +71,57 @@ def _malformed_content_errors() -> tuple[type[BaseException], ...]:
     import zipfile
     import zlib
 
-    # What parsers (pydicom, json, csv, numpy's npz, zipfile, int()/float()) raise on bad content.
+    # What parsers (pydicom, json, csv, numpy's npz, zipfile, int()/float() of element values) raise
+    # on bad content. Found by fuzzing every importer (issue 10).
     return (ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError, EOFError,
-            OverflowError, MemoryError, RecursionError, UnicodeError, OSError, zipfile.BadZipFile, zlib.error,
-            struct.error)
+            OverflowError, RecursionError, UnicodeError, OSError, zipfile.BadZipFile, zlib.error, struct.error)
 
 
-def reading(what: str, path_arg: int = 0) -> Callable[[F], F]:
-    """Decorator of a file importer: any parsing failure becomes a typed error naming the file.
+def reading(what: str, path_arg: str = "") -> Callable[[F], F]:
+    """Decorator of a file importer: a parsing failure becomes a typed error naming the file.
 
-    TwinRT's own errors pass through unchanged. Anything else a parser raises on malformed content
-    (see :func:`_malformed_content_errors`) becomes :class:`DicomImportError` (for DICOM readers,
-    ``what`` starting with "DICOM") or :class:`DamagedFileError`, naming the file (the importer's
-    argument ``path_arg``), the reader's complaint and what to do. Found by fuzzing (issue 10).
+    TwinRT's own errors pass through unchanged, and so do wrong calls (the arguments are bound before
+    the importer runs). What a parser raises on malformed content (see :func:`_malformed_content_errors`)
+    becomes :class:`DicomImportError` (readers whose ``what`` starts with "DICOM") or
+    :class:`DamagedFileError`, naming the file, the reader's complaint and what to do; a file that
+    cannot be opened for permissions, or that does not fit in memory, says so. The traceback is logged
+    at DEBUG (for a bug report, if the file is in fact valid).
 
-    :param what: what the file should be, e.g. ``"DICOM RTSTRUCT"`` or ``"timeline folder"``.
+    :param what: what the file should be, e.g. ``"DICOM RTSTRUCT file"`` or ``"timeline folder"``.
+    :param path_arg: name of the importer's parameter holding the path (default: its first parameter
+        other than ``self``/``cls``).
     """
     import functools
+    import inspect
+    import logging
 
     def decorate(fn: F) -> F:
+        signature = inspect.signature(fn)
+        names = [n for n in signature.parameters if n not in ("self", "cls")]
+        key = path_arg or names[0]
+
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)  # a wrong call is a TypeError of the caller's
+            path = bound.arguments.get(key)
             try:
                 return fn(*args, **kwargs)
             except TwinRTError:
                 raise
+            except FileNotFoundError as exc:
+                raise MissingInputError(f"{path}: {exc.strerror or exc}; check the path", path) from exc
+            except PermissionError as exc:
+                raise MissingInputError(f"{path} cannot be read ({exc.strerror or exc}); check its permissions",
+                                        path) from exc
+            except MemoryError as exc:
+                raise InvalidInputError(f"{path} does not fit in memory as a {what}; check its size (rows, "
+                                        "columns, number of slices) or free memory") from exc
             except _malformed_content_errors() as exc:
-                path = args[path_arg] if len(args) > path_arg else next(iter(kwargs.values()), None)
-                if isinstance(exc, FileNotFoundError):
-                    raise MissingInputError(f"{path}: {exc.strerror or exc}; check the path", path) from exc
+                logging.getLogger(fn.__module__).debug("reading %s failed", path, exc_info=True)
                 cls = DicomImportError if what.startswith("DICOM") else DamagedFileError
                 raise cls(f"{path} is not a readable {what}: {type(exc).__name__}: {str(exc)[:300]}. The file is "
-                          "damaged or not what was expected; export it again from its source", path) from exc
+                          "damaged or not what was expected: export it again from its source (if it is valid, "
+                          "please report a bug with this message)", path) from exc
         return wrapper  # type: ignore[return-value]
 
     return decorate

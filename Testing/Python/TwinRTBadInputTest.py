@@ -25,6 +25,9 @@ from TwinRTCommon import mrmlio  # noqa: E402
 from TwinRTCommon.scene import isRealSlicer  # noqa: E402
 from TwinRTCommon.testing import makeSyntheticCase  # noqa: E402
 
+#: The five modules (also ``slicer_harness.MODULE_NAMES``; the harness is not installed inside Slicer).
+MODULE_NAMES = ("AutoContour", "DosePredict", "AIPlanner", "DigitalTwin", "ToxicityMonitor")
+
 #: (entry point, bad input, error class name). ``TwinRTBadInputTest.call_<n>`` runs row n.
 ROWS = [
     ("`AutoContourLogic.segmentCT(ct)`", "no CT selected", "InvalidInputError"),
@@ -43,10 +46,10 @@ ROWS = [
 
 def _modules():
     if slicer_harness is not None and not isRealSlicer():
-        return {name: slicer_harness.importModule(name) for name in slicer_harness.MODULE_NAMES}
+        return {name: slicer_harness.importModule(name) for name in MODULE_NAMES}
     import importlib
 
-    return {name: importlib.import_module(name) for name in slicer_harness.MODULE_NAMES}
+    return {name: importlib.import_module(name) for name in MODULE_NAMES}
 
 
 class TwinRTBadInputTest(unittest.TestCase):

@@ -165,19 +165,19 @@ def read_ct_series(folder: str | Path, series_instance_uid: str | None = None
 
 
 def _select_series(cts: list[tuple[Path, Dataset]], folder: Path,
-                   series_instance_uid: str | None) -> list[tuple[Path, Dataset]]:
+                   series_instance_uid: str | None, what: str = "CT") -> list[tuple[Path, Dataset]]:
     series: dict[str, list[tuple[Path, Dataset]]] = {}
     for p, ds in cts:
         series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((p, ds))
     if series_instance_uid is not None:
         if series_instance_uid not in series:
-            raise DicomImportError(f"Folder {folder} has no CT series {series_instance_uid}; it holds "
+            raise DicomImportError(f"Folder {folder} has no {what} series {series_instance_uid}; it holds "
                                    f"{', '.join(sorted(series))}", folder)
         return series[series_instance_uid]
     if len(series) > 1:
         listing = "; ".join(f"{uid} ({len(files)} slices, e.g. {files[0][0].name}, "
                             f"'{files[0][1].get('SeriesDescription', '')}')" for uid, files in series.items())
-        raise DicomImportError(f"Folder {folder} mixes {len(series)} CT series: {listing}. Put one series per "
+        raise DicomImportError(f"Folder {folder} mixes {len(series)} {what} series: {listing}. Put one series per "
                                "folder, or pass series_instance_uid= to choose one", folder)
     return cts
 

@@ -12,12 +12,14 @@ Image module (PS3.3 C.8.9.4) and the QIBA FDG-PET/CT profile's vendor-neutral SU
   series date) when ``DecayCorrection`` is ``START``; ``Δt = 0`` when it is ``ADMIN`` (values already
   decay-corrected to the administration time);
 * ``Units`` ``GML``: the values already are SUVbw;
-* anything else (``CNTS``, ``DecayCorrection`` ``NONE``, no attenuation correction in
-  ``CorrectedImage``, a missing weight, dose, half-life or injection time) is refused with a
+* anything else (``CNTS``, ``DecayCorrection`` ``NONE``, ``CorrectedImage`` without ``ATTN``, a
+  missing or implausible weight, a missing dose, half-life or injection time) is refused with a
   :class:`twinrt.errors.DicomImportError` naming the file and the tag: an SUV from guessed values is
   worse than none.
 
-Slices share the CT reader's geometry checks (one orientation, uniform spacing, no gantry tilt: see
+The scan time is the earlier of ``SeriesTime`` and ``AcquisitionTime`` (QIBA: some scanners rewrite
+the series time). A folder with an attenuation-corrected and an uncorrected series gives the corrected
+one. Slices share the CT reader's geometry checks (one orientation, uniform spacing, no gantry tilt: see
 :mod:`twinrt.dicom.ct`); PET slices often carry a slope per slice, which is applied slice by slice.
 The writer (:func:`write_pet_series`) stores SUV as Bq/ml (``BQML``, ``START``) with the radiopharmaceutical
 data needed to convert back, one file per slice (``PT_0001.dcm``, ...).
@@ -26,6 +28,7 @@ data needed to convert back, one file per slice (``PT_0001.dcm``, ...).
 from __future__ import annotations
 
 import datetime as _dt
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -39,6 +42,8 @@ from twinrt.errors import DicomImportError, InvalidInputError, MissingInputError
 from twinrt.model import Image
 
 PET_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.128"
+#: Plausible patient weights (kg); anything else is a unit error (g, lb) or a placeholder.
+MIN_WEIGHT_KG, MAX_WEIGHT_KG = 1.0, 500.0
 #: Half-life of fluorine-18 (s), for the writer's default radiopharmaceutical (FDG).
 F18_HALF_LIFE_S = 6586.2
 
@@ -61,6 +66,12 @@ def _datetime(date: str, time: str, path: Path, what: str) -> _dt.datetime:
     return day + _dt.timedelta(hours=hh, minutes=mm, seconds=ss)
 
 
+def _corrections(ds: Dataset) -> list[str]:
+    value = ds.get("CorrectedImage", None)
+    values = [value] if isinstance(value, str) else list(value or [])
+    return [str(v).strip().upper() for v in values]
+
+
 def suv_factor(ds: Dataset, path: Path) -> float:
     """Factor taking the rescaled pixel values of one PET slice to SUVbw (see the module docstring).
 
@@ -72,27 +83,30 @@ def suv_factor(ds: Dataset, path: Path) -> float:
     if units != "BQML":
         raise DicomImportError(f"{path} has PET Units '{units or 'missing'}'; TwinRT converts BQML (Bq/ml) or GML "
                                "(SUVbw) to SUV: export the series in Bq/ml from the scanner", path)
-    corrected = [str(v).upper() for v in (ds.get("CorrectedImage", None) or [])]
-    if corrected and "ATTN" not in corrected:
-        raise DicomImportError(f"{path} is not attenuation-corrected (CorrectedImage {corrected}); SUV needs the "
-                               "attenuation-corrected reconstruction", path)
+    corrected = _corrections(ds)
+    if "ATTN" not in corrected:
+        raise DicomImportError(f"{path} is not marked attenuation-corrected (CorrectedImage {corrected or 'missing'}); "
+                               "SUV needs the attenuation-corrected reconstruction (CorrectedImage with ATTN)", path)
     decay = str(ds.get("DecayCorrection", "")).strip().upper()
     if decay not in ("START", "ADMIN"):
         raise DicomImportError(f"{path} has DecayCorrection '{decay or 'missing'}'; TwinRT needs START or ADMIN "
                                "(images decay-corrected to a known time)", path)
     weight = ds.get("PatientWeight", None)
-    if weight in (None, "") or not float(weight) > 0:
+    if weight in (None, "") or not math.isfinite(float(weight)) or float(weight) <= 0:
         raise DicomImportError(f"{path} has no PatientWeight (0010,1030); SUVbw needs the patient's weight in kg: "
                                "add it to the series", path)
+    if not MIN_WEIGHT_KG <= float(weight) <= MAX_WEIGHT_KG:
+        raise DicomImportError(f"{path} has PatientWeight {float(weight):g} kg, outside {MIN_WEIGHT_KG:g}–"
+                               f"{MAX_WEIGHT_KG:g} kg: check the unit (kg, not g or lb)", path)
     seq = ds.get("RadiopharmaceuticalInformationSequence", None)
     if not seq:
         raise DicomImportError(f"{path} has no RadiopharmaceuticalInformationSequence (0054,0016); the injected "
                                "activity and time are needed for SUV", path)
     rp = seq[0]
     dose, half_life = rp.get("RadionuclideTotalDose", None), rp.get("RadionuclideHalfLife", None)
-    if dose in (None, "") or not float(dose) > 0:
+    if dose in (None, "") or not (math.isfinite(float(dose)) and float(dose) > 0):
         raise DicomImportError(f"{path} has no RadionuclideTotalDose (0018,1074): the injected activity in Bq", path)
-    if half_life in (None, "") or not float(half_life) > 0:
+    if half_life in (None, "") or not (math.isfinite(float(half_life)) and float(half_life) > 0):
         raise DicomImportError(f"{path} has no RadionuclideHalfLife (0018,1075) in s", path)
     delta_s = 0.0
     if decay == "START":
@@ -106,6 +120,11 @@ def suv_factor(ds: Dataset, path: Path) -> float:
             raise DicomImportError(f"{path} has no RadiopharmaceuticalStartDateTime/StartTime (0018,1078/1072): the "
                                    "injection time is needed to decay-correct the injected activity", path)
         scan = _datetime(series_date, str(ds.get("SeriesTime", "")), path, "Series")
+        if str(ds.get("AcquisitionTime", "") or "").strip():
+            # QIBA: the earlier of series and acquisition time (some scanners rewrite SeriesTime).
+            acquired = _datetime(str(ds.get("AcquisitionDate", "") or series_date), str(ds.AcquisitionTime), path,
+                                 "Acquisition")
+            scan = min(scan, acquired)
         delta_s = (scan - injected).total_seconds()
         if not rp.get("RadiopharmaceuticalStartDateTime", None) and delta_s < 0:
             delta_s += 86400.0  # injection before midnight, scan after
@@ -135,7 +154,15 @@ def read_pet_series(folder: str | Path, series_instance_uid: Optional[str] = Non
     pts = [(p, ds) for p, ds in list_dicom_files(folder) if str(ds.get("SOPClassUID", "")) == PET_IMAGE_STORAGE]
     if not pts:
         raise MissingInputError(f"No PET Image Storage file in folder {folder}", folder)
-    pts = _select_series(pts, folder, series_instance_uid)
+    series = {str(ds.get("SeriesInstanceUID", "")) for _, ds in pts}
+    if series_instance_uid is None and len(series) > 1:
+        # An export often holds the attenuation-corrected series and the uncorrected one: take the former
+        # (a series is corrected when every one of its slices says ATTN).
+        corrected = [uid for uid in series
+                     if all("ATTN" in _corrections(ds) for _, ds in pts if str(ds.get("SeriesInstanceUID", "")) == uid)]
+        if len(corrected) == 1:
+            series_instance_uid = corrected[0]
+    pts = _select_series(pts, folder, series_instance_uid, "PET")
     slices = _sorted_slices(pts)
     grid = _grid_from_slices(slices)
     values = _read_rescaled(slices, grid).astype(np.float64)
@@ -162,9 +189,9 @@ def write_pet_series(image: Image, ctx: DicomContext, folder: str | Path, weight
     :param weight_kg: patient weight (kg); ``injected_mbq``: injected activity (MBq).
     :return: ``folder``.
     """
-    arr = np.asarray(image.array, dtype=np.float64)
-    if not np.all(np.isfinite(arr)) or (arr.size and arr.min() < 0):
-        raise InvalidInputError("A PET image must be finite and non-negative (SUV) to be written")
+    arr = np.asarray(image.array, dtype=np.float64)  # finite: an Image refuses NaN and infinities
+    if arr.size and arr.min() < 0:
+        raise InvalidInputError("A PET image must be non-negative (SUV) to be written")
     if not (weight_kg > 0 and injected_mbq > 0 and uptake_s >= 0 and half_life_s > 0):
         raise InvalidInputError("weight_kg, injected_mbq and half_life_s must be positive, uptake_s ≥ 0")
     folder = Path(folder)

@@ -331,7 +331,7 @@ def load_model(model: str | Path | None = None, device: str = "cpu") -> LoadedMo
     from twinrt.dosepredict.model import build_network
 
     entry, weights = resolve_model(model)
-    config = DosePredictConfig.from_dict(entry["recipe"], f"recipe of model {entry['id']}")
+    config = DosePredictConfig.from_dict(entry["recipe"], f"recipe of model {entry['id']} ({weights})")
     state = load_weights_file(weights, entry["sha256"])
     net = build_network(config)
     try:

@@ -75,9 +75,6 @@ class Fraction:
             if not isinstance(self.pet, Image):
                 raise InvalidInputError(f"The PET of fraction {self.number} must be a twinrt.model.Image (SUVbw), "
                                         f"got {type(self.pet).__name__}")
-            if not np.all(np.isfinite(self.pet.array)):
-                raise InvalidInputError(f"The PET of fraction {self.number} has NaN or infinite values; "
-                                        "give SUVbw values (read it with twinrt.dicom.read_pet_series)")
         if int(self.number) < 1:
             raise InvalidInputError(f"Fraction numbers start at 1, got {self.number}")
         self.number = int(self.number)
@@ -264,7 +261,7 @@ class CaseTimeline:
         return folder
 
     @classmethod
-    @reading("TwinRT timeline folder", path_arg=1)
+    @reading("TwinRT timeline folder")
     def load(cls, folder: str | Path) -> "CaseTimeline":
         """Read a folder written by :meth:`save`.
 
