@@ -73,8 +73,16 @@ def _malformed_content_errors() -> tuple[type[BaseException], ...]:
 
     # What parsers (pydicom, json, csv, numpy's npz, zipfile, int()/float() of element values) raise
     # on bad content. Found by fuzzing every importer (issue 10).
-    return (ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError, EOFError,
-            OverflowError, RecursionError, UnicodeError, OSError, zipfile.BadZipFile, zlib.error, struct.error)
+    errors: tuple[type[BaseException], ...] = (
+        ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError, EOFError, OverflowError,
+        RecursionError, UnicodeError, OSError, zipfile.BadZipFile, zlib.error, struct.error)
+    try:  # pydicom's own exceptions derive from Exception only (e.g. an odd-length value: BytesLengthException)
+        from pydicom.errors import BytesLengthException, InvalidDicomError
+
+        errors += (BytesLengthException, InvalidDicomError)
+    except ImportError:
+        pass
+    return errors
 
 
 def reading(what: str, path_arg: str = "") -> Callable[[F], F]:
