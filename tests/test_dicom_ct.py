@@ -237,7 +237,10 @@ def test_unreadable_file(ct_folder):
 
 def test_failed_write_leaves_nothing(tmp_path, ctx):
     image = make_ct()
-    bad = Image(np.where(image.array > 2000, np.nan, image.array.astype(np.float32)), image.grid)
+    with pytest.raises(InvalidInputError, match="NaN"):  # an Image refuses NaN voxels itself
+        Image(np.where(image.array > 2000, np.nan, image.array.astype(np.float32)), image.grid)
+    bad = Image(image.array.astype(np.float32), image.grid)
+    bad.array[image.array > 2000] = np.nan  # changed after the checks: the writer must still refuse it
     with pytest.raises(InvalidInputError, match="NaN"):
         write_ct_series(bad, ctx, tmp_path / "ct")
     assert not (tmp_path / "ct").exists()

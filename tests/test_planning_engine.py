@@ -211,9 +211,11 @@ def test_too_large_dose_grid_is_refused_with_the_estimate():
     assert est.nnz > 0 and est.total_bytes > est.matrix_bytes
     with pytest.raises(InvalidInputError, match=r"would not fit in memory: .*non-zeros.*GiB"):
         compute_dij(ct, ct.grid, beams, max_bytes=1000)
-    huge = Grid((2000, 2000, 2000), (0.5, 0.5, 0.5))
+    huge = Grid((1250, 1250, 1250), (0.5, 0.5, 0.5))  # just under Grid's own limit (geometry.MAX_VOXELS)
     with pytest.raises(InvalidInputError, match="would not fit|2\\^31"):
         estimate_dij_memory(huge, beams)
+    with pytest.raises(InvalidInputError, match="absurdly large"):
+        Grid((2000, 2000, 2000), (0.5, 0.5, 0.5))
 
 
 def test_cancel_stops_the_computation():
