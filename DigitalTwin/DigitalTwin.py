@@ -455,7 +455,7 @@ class DigitalTwinLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         """Today's :class:`twinrt.twin.timeline.Fraction` read from scene nodes (see :meth:`addFraction`)."""
         from twinrt.errors import InvalidInputError
         from twinrt.model import Image
-        from twinrt.twin.timeline import Fraction
+        from twinrt.twin.timeline import Fraction, pet_mismatch
 
         from TwinRTCommon import mrmlio
 
@@ -476,11 +476,10 @@ class DigitalTwinLogic(ScriptedLoadableModuleLogic, CaseLogicMixin):
         pet = None
         if petVolume is not None:
             checkCtVolume(petVolume, _("PET volume"))
-            petPatient, petFrame = self.patientOfVolume(petVolume)
-            if (petPatient and patientId and petPatient != patientId) or (petFrame and frame and petFrame != frame):
-                raise InvalidInputError(f"The PET '{petVolume.GetName()}' (patient '{petPatient}') is not in the "
-                                        f"day's image's patient and frame of reference ('{patientId}'); select the "
-                                        "PET of that day's PET/CT")
+            problem = pet_mismatch(*self.patientOfVolume(petVolume), patientId, frame)
+            if problem:
+                raise InvalidInputError(f"The PET '{petVolume.GetName()}' does not go with this fraction: {problem}; "
+                                        "select the PET of that day's PET/CT")
             petImage = mrmlio.imageFromVolume(petVolume)
             pet = Image(petImage.array.astype("float32"), petImage.grid, "PT")
         return Fraction(int(number) if number else twin.delivered + 1, date or self._today(), image, structures,

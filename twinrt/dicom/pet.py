@@ -42,7 +42,7 @@ from twinrt.errors import DicomImportError, InvalidInputError, MissingInputError
 from twinrt.model import Image
 
 PET_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.128"
-#: Plausible patient weights (kg); anything else is a unit error (g, lb) or a placeholder.
+#: Plausible patient weights (kg); anything outside is a unit error (g, lb) or a dummy value such as 0 or 999.
 MIN_WEIGHT_KG, MAX_WEIGHT_KG = 1.0, 500.0
 #: Half-life of fluorine-18 (s), for the writer's default radiopharmaceutical (FDG).
 F18_HALF_LIFE_S = 6586.2

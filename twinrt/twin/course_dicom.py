@@ -26,7 +26,7 @@ from typing import Iterable, Optional
 from twinrt.errors import DicomImportError, InvalidInputError, MissingInputError
 from twinrt.io_utils import atomic_dir
 from twinrt.model import Case
-from twinrt.twin.timeline import CaseTimeline, Fraction, parse_date
+from twinrt.twin.timeline import CaseTimeline, Fraction, parse_date, pet_mismatch
 
 _FRACTION_RE = re.compile(r"\b(?:fraction|fx)\s*#?\s*(\d+)", re.IGNORECASE)
 
@@ -153,12 +153,10 @@ def import_course(folder: str | Path, n_fractions: Optional[int] = None, planned
         pet = None
         if has_pet_series(sub):
             pet, pet_ctx = read_pet_series(sub)
-            if pet_ctx.patient_id != case.patient_id or (pet_ctx.frame_of_reference_uid and frame
-                                                          and pet_ctx.frame_of_reference_uid != frame):
-                raise DicomImportError(f"The PET in {sub} (patient '{pet_ctx.patient_id}', frame of reference "
-                                       f"{pet_ctx.frame_of_reference_uid}) is not in the day's CT's patient and frame "
-                                       f"('{case.patient_id}', {frame}): register it to that CT first or remove it",
-                                       sub)
+            problem = pet_mismatch(pet_ctx.patient_id, pet_ctx.frame_of_reference_uid, case.patient_id, frame)
+            if problem:
+                raise DicomImportError(f"The PET in {sub} does not belong to that day's CT: {problem}; register it "
+                                       "to that CT first or remove it", sub)
         fractions.append(Fraction(number, iso, case.ct, case.structures, dose, case.patient_id, frame,
                                   {"source": "DICOM", "dicom_folder": str(sub)}, pet))
     if n_fractions is None:

@@ -44,6 +44,19 @@ def parse_date(text: str, what: str = "date") -> _dt.date:
     raise InvalidInputError(f"The {what} '{text}' is not a date; write it as YYYY-MM-DD")
 
 
+def pet_mismatch(pet_patient: str, pet_frame: str, patient: str, frame: str) -> Optional[str]:
+    """Why a PET does not belong to the day's image, or ``None`` when it does.
+
+    A PET of a fraction must be of the day's patient and in the day's frame of reference (a PET/CT);
+    an empty ID or frame is unknown and not compared.
+    """
+    if pet_patient and patient and pet_patient != patient:
+        return f"the PET is of patient '{pet_patient}', the day's image of '{patient}'"
+    if pet_frame and frame and pet_frame != frame:
+        return f"the PET is in frame of reference {pet_frame}, the day's image in {frame}"
+    return None
+
+
 @dataclass
 class Fraction:
     """One treatment day as it arrives.
