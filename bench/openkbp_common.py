@@ -14,10 +14,13 @@ from twinrt.planning.evaluation import load_goal_set
 
 
 def add_patient_arguments(p: argparse.ArgumentParser, default_patients: int) -> None:
-    """``--patients N`` (from the first), ``--patient ID`` and ``--dose-grid-mm`` (mm or 'ct')."""
+    """``--patients N`` (from the first), ``--patient ID``, ``--first IDS`` and ``--dose-grid-mm`` (mm or 'ct')."""
     p.add_argument("--patients", type=int, default=default_patients,
                    help="number of validation patients (from the first)")
     p.add_argument("--patient", help="one patient id, e.g. pt_236")
+    p.add_argument("--first", default="",
+                   help="comma-separated patient ids to run before the others (same selection, reordered: "
+                        "early news on the hard cases)")
     p.add_argument("--dose-grid-mm", default="ct",
                    help="dose-grid spacing in mm, or 'ct' (default: the CT grid, like the reference dose)")
 
@@ -28,7 +31,9 @@ def selected_patients(args: argparse.Namespace) -> Optional[list[Path]]:
         print("../shared/data not found: set TWINRT_SHARED_DATA", file=sys.stderr)
         return None
     paths = openkbp_patients("validation")
-    return [q for q in paths if q.stem == args.patient] if args.patient else paths[:args.patients]
+    chosen = [q for q in paths if q.stem == args.patient] if args.patient else paths[:args.patients]
+    first = [x.strip() for x in str(getattr(args, "first", "") or "").split(",") if x.strip()]
+    return sorted(chosen, key=lambda q: (first.index(q.stem) if q.stem in first else len(first)))
 
 
 def dose_grid_mm(args: argparse.Namespace) -> Optional[float]:

@@ -33,10 +33,11 @@ PENDING_STAGES_AFTER_PLAN = [("planning agent and goals (AIPlanner)", _SKIPPED),
                              ("toxicity risk (ToxicityMonitor)", _SKIPPED)]
 #: Name of the dose of TwinRT's own plan in the case and the outputs.
 PLANNED_DOSE = "planned"
-#: Protocols of ``twinrt run --protocol``: the goal set the virtual planner plans for and the models
-#: (``None``: the shipped default model).
+#: Protocols of ``twinrt run --protocol``: the goal set the virtual planner plans for, the models
+#: (``None``: the shipped default model), the planner's time budget (s) and the intensity levels of
+#: leaf sequencing (20, as ``bench/agent_openkbp.py`` validated: 10 levels cost up to 1 Gy of a PTV's D95).
 PROTOCOLS = {"head-and-neck": {"goal_set": "head_and_neck_openkbp", "oar_model": None, "dose_model": None,
-                               "time_budget_s": 240.0}}
+                               "time_budget_s": 240.0, "levels": 20}}
 
 
 class PipelineError(TwinRTError):
@@ -331,7 +332,7 @@ def _ai_stages(case: Case, protocol: dict[str, Any], stage: Callable[[str, int, 
         goal_set = load_goal_set(protocol["goal_set"])
         objectives = mimicking_objectives(case, with_uncertainty=prediction.std is not None)
         refs = {k: case.doses[k] for k in ("predicted", "predicted_std") if k in case.doses}
-        return virtual_planner(case, goal_set, setup=PlanSetup(dose_grid_mm=None), objectives=objectives,
+        return virtual_planner(case, goal_set, setup=PlanSetup(dose_grid_mm=None, levels=protocol["levels"]), objectives=objectives,
                                time_budget_s=protocol["time_budget_s"], cancel=cancel, reference_doses=refs)
 
     result = stage("plan (AIPlanner virtual planner)", 3, agent)

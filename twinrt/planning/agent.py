@@ -18,22 +18,33 @@ Rules (in this order of priority: must > should > nice; the numbers are module c
 * A goal that still fails has its objective's weight multiplied by :data:`ESCALATION` (×4 must,
   ×2 should, ×1.5 nice) and its dose level moved by half the remaining excess (towards 0 for upper
   limits, up to ``1.1 X`` for lower limits). A failing target coverage goal also scales the
-  target's existing squared-underdose objectives by the same factor.
+  target's existing squared-underdose objectives by the same factor. While a must-goal fails,
+  should- and nice-goals that still fail keep their objective as it is (a new one is still added
+  at its first weight): escalating them too made them pull against the failing must-goal round
+  after round (measured on OpenKBP patients: the spinal cord's D0.1cc and the PTV coverage took
+  turns failing while the parotid and mandible objectives grew ×2 a round).
+* A failing must-goal on an organ's near-maximum (``D0.1cc``, ``D1cc``, ``Dmax <= X``) also caps the
+  hot spots of every target that overlaps the organ at ``X`` minus the margin (a squared-overdose
+  objective on the target), when that stays above the target's own dose lower limits: the shared
+  voxels belong to the target in the optimisation, out of the organ objective's reach.
 * A goal that passes by a large margin (:data:`RELAX_MARGIN` of its limit) while a goal of at least
   its priority fails has the weight of its agent-made objective halved (never below a quarter of
   its first weight), to give room to the failing goal. Objectives the user gave are never relaxed.
 * The planner stops when every goal passes; when every must-goal passes and no should- or
   nice-goal improved in the last round; when no rule applies; after ``max_rounds``; or when the
-  next round would exceed ``time_budget_s``. The round delivered is the best one: most must-goals
-  met, then the highest score.
+  next round would exceed ``time_budget_s``. The round delivered is the best one: most organ
+  must-goals met (an organ's dose limits before a target's coverage, as clinical plans trade them:
+  the OpenKBP reference plans that miss a PTV's D95% keep the cord, brainstem and mandible limits),
+  then most must-goals, then the highest score.
 * After leaf sequencing, a must-goal that the optimised fluence met but the sequenced plan does not
   (quantisation to intensity levels costs a few tenths of a Gy of D95% or of an organ's D0.1cc)
   makes the planner sequence the same fluence again with more intensity levels
-  (:data:`RESEQUENCE_FACTORS`), while the time budget allows; the finer plan is kept only when it
+  (:data:`RESEQUENCE_FACTORS`), while the time budget plus :data:`RESEQUENCE_GRACE_S` allows; the finer plan is kept only when it
   meets more must-goals (more segments are not traded for score alone).
-* Then target must-goals that the sequencing still costs are restored by plan normalisation: every MU × up to 1 + :data:`NORMALISE_MAX`, never
-  so far that a must-goal that passes fails, kept only when more must-goals are met (or as many,
-  with a higher score).
+* Then must-goals that the sequencing still costs are restored by plan normalisation: every MU ×
+  one factor within 1 ± :data:`NORMALISE_MAX` (up for a target's coverage, down for an organ's
+  near-maximum), never so far that a must-goal that passes fails, kept only when more must-goals
+  are met (or as many, with a higher score).
 
 The policy is deterministic: the same case, goals, set-up and objectives give the same trace
 (except its ``seconds``) and the same weights.
@@ -72,6 +83,11 @@ ESCALATION = {"must": 4.0, "should": 2.0, "nice": 1.5}
 FIRST_WEIGHT = {"must": (3000.0, 300.0), "should": (1000.0, 100.0), "nice": (300.0, 30.0)}
 #: Relative margin between a goal's limit and the dose level of its objective (aim a bit inside).
 LEVEL_MARGIN = 0.03
+#: A near-maximum goal: a dose limit on at most this percentage of an organ (D0.1cc, D1cc, D2%).
+NEAR_MAX_PERCENT = 5.0
+#: Targets whose dose lower limit is at least this fraction of an overlapping organ's near-maximum
+#: level get their hot spots capped when that organ's must-goal fails.
+HOT_TARGET_FRACTION = 0.9
 #: A goal passing by at least this fraction of its limit may be relaxed.
 RELAX_MARGIN = 0.2
 #: Relaxation factor and the floor (fraction of the first weight) below which it stops.
@@ -81,15 +97,19 @@ RELAX_FLOOR = 0.25
 IMPROVEMENT_TOL = 0.002
 #: Organs within this distance (mm) of a target count as pulling against its coverage.
 NEIGHBOUR_MM = 10.0
-#: Plan normalisation after sequencing: at most this much more MU (fraction) to restore target
-#: must-goals lost in leaf sequencing, aiming this fraction above the limit.
+#: Plan normalisation after sequencing: at most this fraction more (or fewer) MU to restore
+#: must-goals lost in leaf sequencing, aiming this fraction (headroom) beyond the limit.
 NORMALISE_MAX = 0.03
 NORMALISE_HEADROOM = 0.001
 #: Re-sequencing after leaf sequencing lost a must-goal the optimised fluence met: the same fluence
 #: is sequenced again with the set-up's intensity levels times each factor in turn (finer
 #: quantisation, so a smaller loss, at the price of more segments), up to :data:`RESEQUENCE_MAX_LEVELS`.
-RESEQUENCE_FACTORS = (1.5, 2.0)
+RESEQUENCE_FACTORS = (1.5, 2.0, 3.0)
 RESEQUENCE_MAX_LEVELS = 60
+#: Seconds past ``time_budget_s`` that re-sequencing may still use (the budget bounds the optimisation
+#: rounds; one sequencing takes a few seconds, and the rounds may use the budget up to its end, which
+#: left plans that finer sequencing would have saved as they were).
+RESEQUENCE_GRACE_S = 15.0
 _DVH_KINDS = ("max_dvh", "min_dvh")
 
 
@@ -334,6 +354,18 @@ def _musts_met(results: Sequence[GoalResult]) -> int:
     return sum(bool(r.passed) for r in results if r.goal.priority == "must")
 
 
+def _organ_musts_met(results: Sequence[GoalResult], lookup: Callable[[str], Optional[Structure]]) -> int:
+    """Must-goals met that limit the dose of a structure that is not a target (an organ's limits)."""
+    return sum(1 for r in results if r.goal.priority == "must" and r.passed and r.goal.comparator == "<="
+               and (lookup(r.goal.structure) is None or lookup(r.goal.structure).type != StructureType.TARGET))
+
+
+def _best_round(rounds: Sequence[dict[str, Any]]) -> int:
+    """Index of the round to deliver: most organ must-goals met, then most must-goals, then the
+    highest score, then the earliest."""
+    return max(range(len(rounds)), key=lambda i: (rounds[i]["n_organ_must"], rounds[i]["n_must"], rounds[i]["score"], -i))
+
+
 def _round(x: Optional[float]) -> Optional[float]:
     return None if x is None else round(float(x), 4)
 
@@ -405,6 +437,50 @@ def _limit_scale(goal: Goal) -> float:
     return max(abs(goal.value), 1.0)
 
 
+def _cap_overlapping_targets(lookup: Callable[[str], Optional[Structure]], results: Sequence[GoalResult], goal: Goal,
+                             organ: Structure, objectives: Sequence[dict[str, Any]],
+                             touched: set[tuple[str, str, Optional[float]]], factor: float) -> list[Edit]:
+    """Squared-overdose objectives on the targets that overlap ``organ``, at its failing near-maximum limit.
+
+    The optimiser gives voxels shared by a target and an organ to the target, so the organ's own
+    objective cannot reach the target's hot spots inside it (OpenKBP pt_225: PTV70 overlaps the
+    mandible by 21 cc, whose D1cc <= 75 Gy failed round after round). Only a near-maximum goal
+    (Dmax, D0.1cc, D1cc, ... of at most :data:`NEAR_MAX_PERCENT` of the organ) caps the targets
+    whose dose lower limits are within :data:`HOT_TARGET_FRACTION` of its level (a lower-dose target
+    that overlaps the organ is not where it runs hot: capping it pulled PTV56 down against PTV70 on
+    pt_225), and only when the level stays at or above the level those limits aim at
+    (``1 + LEVEL_MARGIN`` times the limit), so the cap never asks for less than the coverage. An existing squared-overdose objective
+    on the target keeps the lower level and the higher weight (× ``factor`` when it is raised again).
+    """
+    m = goal.parsed_metric
+    pct = 100.0 if m.kind == "max" else m.parameter if m.kind == "dose_at_percent" else \
+        100.0 * m.parameter / max(_structure_volume_cc(organ), 1e-9) if m.kind == "dose_at_cc" else None
+    if m.kind != "max" and (pct is None or pct > NEAR_MAX_PERCENT):
+        return []
+    level = goal.value * (1.0 - LEVEL_MARGIN)
+    edits = []
+    seen: set[str] = set()
+    for r in results:
+        t = lookup(r.goal.structure)
+        if t is None or t.type != StructureType.TARGET or t.name.lower() in seen:
+            continue
+        seen.add(t.name.lower())
+        floor = max([h.goal.value for h in results if h.goal.comparator == ">=" and h.goal.parsed_metric.is_dose
+                     and lookup(h.goal.structure) is t], default=0.0)
+        key = (t.name.lower(), "squared_overdose", None)
+        if floor < HOT_TARGET_FRACTION * level or level < floor * (1.0 + LEVEL_MARGIN) or key in touched or not (organ.mask & t.on_grid(organ.grid)).any():
+            continue
+        touched.add(key)
+        current = [o for o in objectives if _same_objective(o, t.name, "squared_overdose", None)]
+        weight = max([FIRST_WEIGHT["must"][1]] + [float(o["weight"]) * factor for o in current])
+        new_level = min([level] + [float(o["dose_gy"]) for o in current])
+        edits.append(Edit("set_objective", t.name, objective="squared_overdose", value=round(new_level, 4),
+                          weight=weight, reason=f"{goal.describe()} fails and {t.name} overlaps {organ.name}: "
+                                                f"{t.name}'s hot spots capped at {new_level:.2f} Gy (weight {weight:g}), "
+                                                f"since the shared voxels belong to {t.name} in the optimisation"))
+    return edits
+
+
 def propose_edits(lookup: Callable[[str], Optional[Structure]], results: Sequence[GoalResult],
                   objectives: Sequence[dict[str, Any]], owned: dict[int, _Owned], optimizable: set[str]) -> list[Edit]:
     """The rule-based policy: objective edits for one round's goal results (rules: module docstring).
@@ -417,6 +493,7 @@ def propose_edits(lookup: Callable[[str], Optional[Structure]], results: Sequenc
     """
     edits: list[Edit] = []
     failing_prios = {PRIORITIES.index(r.goal.priority) for r in results if r.passed is False}
+    must_failing = PRIORITIES.index("must") in failing_prios
     # Must-goals first so that, when two edits touch one objective, the must-goal's comes first.
     order = sorted(range(len(results)), key=lambda i: (PRIORITIES.index(results[i].goal.priority), i))
     touched: set[tuple[str, str, Optional[float]]] = set()
@@ -435,6 +512,8 @@ def propose_edits(lookup: Callable[[str], Optional[Structure]], results: Sequenc
                    f"{'above' if g.comparator == '<=' else 'below'} the limit"
             known = owned.get(i)
             current = _find_objective(objectives, known) if known else None
+            if current is not None and must_failing and g.priority != "must":
+                continue  # escalated only once every must-goal passes (must > should > nice)
             if current is None:
                 spec = goal_objective(g, s)
                 if spec is None:
@@ -470,6 +549,8 @@ def propose_edits(lookup: Callable[[str], Optional[Structure]], results: Sequenc
                                   weight=weight, volume_percent=known.volume_percent,
                                   reason=f"{what} (still); weight ×{factor:g} to {weight:g}, level "
                                          f"{level:.2f} → {new_level:.2f} Gy"))
+            if g.priority == "must" and not is_target and g.comparator == "<=" and g.parsed_metric.is_dose:
+                edits.extend(_cap_overlapping_targets(lookup, results, g, s, objectives, touched, factor))
             if is_target and g.comparator == ">=":
                 for o in objectives:
                     if o["structure"].lower() == s.name.lower() and o["kind"] == "squared_underdose" \
@@ -647,47 +728,60 @@ def _resequence_finer(case: Case, goal_set: Any, problem: PlanningProblem, opt: 
 
 
 # ---------------------------------------------------------------------------------------- normalisation
-def _normalise_for_coverage(case: Case, goal_set: Any, lookup: Callable[[str], Optional[Structure]],
-                            planning: PlanningResult, results: Sequence[GoalResult],
-                            score: float) -> Optional[tuple[PlanningResult, list[GoalResult], float, bool, dict]]:
-    """Plan normalisation after sequencing: raise every MU a little when target must-goals fall short.
+def _normalise_for_must_goals(case: Case, goal_set: Any, planning: PlanningResult, results: Sequence[GoalResult],
+                              score: float) -> Optional[tuple[PlanningResult, list[GoalResult], float, bool, dict]]:
+    """Plan normalisation after sequencing: every MU × one factor within ±:data:`NORMALISE_MAX` when
+    that meets more must-goals.
 
-    Leaf sequencing typically costs a few tenths of a Gy of coverage. When a failing must-goal is a
-    lower dose limit on a target and the MU needed to meet every such goal is at most
-    :data:`NORMALISE_MAX` more, the plan is scaled (dose is linear in MU) and kept only when it
-    meets more must-goals, or as many with a higher score. A must-goal that passes before is never
-    given up for it: the factor is capped so that it still passes (partial normalisation).
-    Returns ``None`` when nothing is done.
+    Dose is linear in MU, so a must-goal on a dose metric (D95%, D0.1cc, Dmean, ...) passes on one
+    side of ``limit / value``: a lower limit needs a factor at least that, an upper limit at most
+    that. Leaf sequencing typically costs a few tenths of a Gy of a target's coverage (a factor
+    above 1 restores it) or adds as much to an organ's near-maximum (a factor below 1 takes it
+    back, when the targets have the room). Each failing must-goal of that kind proposes the factor
+    that just meets it (:data:`NORMALISE_HEADROOM` beyond); a must-goal that passes before is never
+    given up, so the factors are clipped to the range that keeps every passing one (partial
+    normalisation, "capped"). The factor that meets the most failing must-goals is tried, nearest
+    1 on ties; the goals are evaluated on the scaled plan (volume metrics such as V20Gy are checked
+    there, halving the step when one that passed breaks), and it is kept only when it meets more
+    must-goals, or as many with a higher score. Returns ``None`` when nothing is tried.
     """
     from twinrt.planning.workflow import normalise_result
 
-    needed = []
-    for r in results:
+    def threshold(r: GoalResult) -> Optional[float]:
         g = r.goal
-        s = lookup(g.structure)
-        if g.priority != "must" or r.passed is not False or g.comparator != ">=" or s is None:
+        if g.priority != "must" or not g.parsed_metric.is_dose or r.value is None or not float(r.value) > 0:
+            return None
+        return g.value / float(r.value)
+
+    lo, hi = 1.0 - NORMALISE_MAX, 1.0 + NORMALISE_MAX
+    keep_lo, keep_hi = lo, hi  # the range that keeps every passing must-goal on a dose metric
+    needs: list[tuple[str, float]] = []  # failing must-goals: (comparator, factor that just meets it)
+    for r in results:
+        t = threshold(r)
+        if t is None or r.passed is None:
             continue
-        if s.type != StructureType.TARGET or not g.parsed_metric.is_dose or not r.value or r.value <= 0:
-            return None  # another kind of must failure: scaling up cannot fix it
-        needed.append(g.value / float(r.value))
-    if not needed:
+        if r.passed:
+            if r.goal.comparator == ">=":
+                keep_lo = max(keep_lo, t * (1.0 + NORMALISE_HEADROOM))
+            else:
+                keep_hi = min(keep_hi, t * (1.0 - NORMALISE_HEADROOM))
+        else:
+            need = t * (1.0 + NORMALISE_HEADROOM) if r.goal.comparator == ">=" else t * (1.0 - NORMALISE_HEADROOM)
+            if lo <= need <= hi:
+                needs.append((r.goal.comparator, need))
+    if not needs or keep_lo > keep_hi:
         return None
-    # A hair above the limit, so that rounding in the DVH does not leave it just short.
-    factor = max(needed) * (1.0 + NORMALISE_HEADROOM)
-    if factor > 1.0 + NORMALISE_MAX:
-        return None
-    # Never at the price of a must-goal that passes now: dose upper limits cap the factor (dose is
-    # linear in MU); other kinds (volumes) are checked on the scaled dose, halving the step if broken.
-    passing = [r for r in results if r.goal.priority == "must" and r.passed]
-    caps = [r.goal.value / float(r.value) for r in passing
-            if r.goal.comparator == "<=" and r.goal.parsed_metric.is_dose and r.value and r.value > 0]
-    capped = bool(caps) and min(caps) * (1.0 - NORMALISE_HEADROOM) < factor
-    if capped:
-        factor = min(caps) * (1.0 - NORMALISE_HEADROOM)
+
+    def met(f: float) -> int:
+        return sum(f >= n if c == ">=" else f <= n for c, n in needs)
+
+    candidates = sorted({min(max(n, keep_lo), keep_hi) for _, n in needs}, key=lambda f: (-met(f), abs(f - 1.0)))
+    factor = candidates[0]
+    capped = met(factor) < len(needs) and any(min(max(n, keep_lo), keep_hi) != n for _, n in needs)
     before = _musts_met(results)
-    passing_ids = {id(r) for r in passing}
+    passing_ids = {id(r) for r in results if r.goal.priority == "must" and r.passed}
     for _ in range(4):
-        if factor <= 1.0:
+        if abs(factor - 1.0) < 1e-6:
             return None
         scaled = normalise_result(planning, factor)
         new, new_score, new_ok = evaluate_goals(case, scaled.dose, goal_set)
@@ -699,8 +793,11 @@ def _normalise_for_coverage(case: Case, goal_set: Any, lookup: Callable[[str], O
         return None
     after = _musts_met(new)
     accepted = after > before or (after == before and new_score > score)
+    short = sum(c == ">=" for c, _ in needs)
+    what = "; ".join(x for x in (f"{short} must-goal(s) short" if short else "",
+                                 f"{len(needs) - short} over their limit" if len(needs) > short else "") if x)
     step = {"step": "normalise", "factor": round(factor, 5), "accepted": accepted,
-            "reason": f"{len(needed)} target must-goal(s) short after leaf sequencing; every MU ×{factor:.4f}"
+            "reason": f"{what} after leaf sequencing; every MU ×{factor:.4f}"
                       f"{' (capped by the must-goals that pass)' if capped else ''} meets {after} must-goal(s) "
                       f"instead of {before}" + ("" if accepted else "; not kept (no better)"),
             "goals": [_result_dict(r) for r in new], "score": _round(new_score), "must_passed": new_ok}
@@ -744,7 +841,8 @@ def virtual_planner(case: Case, goals: Any, setup: Optional[PlanSetup] = None,
     :param max_rounds: most optimisation rounds (>= 1).
     :param round_iter: iterations of each warm-started round after the first; default
         ``max(20, setup.max_iter // 2)`` (a warm start needs fewer).
-    :param time_budget_s: stop before a round that would end after this many seconds from the start.
+    :param time_budget_s: stop before a round that would end after this many seconds from the start
+        (re-sequencing may use :data:`RESEQUENCE_GRACE_S` more).
     :param label: RT plan label.
     :param progress: ``progress(fraction, text)``.
     :param cancel: cancel token (raises :class:`twinrt.progress.CancelledError`).
@@ -799,7 +897,7 @@ def virtual_planner(case: Case, goals: Any, setup: Optional[PlanSetup] = None,
                     tol = max(IMPROVEMENT_TOL * _limit_scale(now.goal), 0.01)
                     improved |= bool(now.passed) or now.margin > prev.margin + tol
         rounds.append({"objectives": [dict(o) for o in objs], "opt": opt, "results": results, "score": score,
-                       "must_ok": must_ok, "n_must": n_must})
+                       "must_ok": must_ok, "n_must": n_must, "n_organ_must": _organ_musts_met(results, lookup)})
         seconds = time.perf_counter() - t0
         trace.append({"step": "round", "round": rnd, "edits": [e.to_dict() for e in edits],
                       "iterations": int(opt.iterations), "objective": _round(opt.total_objective),
@@ -824,7 +922,7 @@ def virtual_planner(case: Case, goals: Any, setup: Optional[PlanSetup] = None,
             break
         objs = apply_edits(objs, edits)
 
-    best = max(range(len(rounds)), key=lambda i: (rounds[i]["n_must"], rounds[i]["score"], -i))
+    best = _best_round(rounds)
     chosen = rounds[best]
     t0 = time.perf_counter()
     timings = dict(problem.timings_s)
@@ -836,13 +934,14 @@ def virtual_planner(case: Case, goals: Any, setup: Optional[PlanSetup] = None,
                   "seconds": round(time.perf_counter() - t0, 3)})
     if not must_ok:
         def seconds_left() -> Optional[float]:
-            return None if time_budget_s is None else time_budget_s - (time.perf_counter() - t_start)
+            return None if time_budget_s is None else \
+                time_budget_s + RESEQUENCE_GRACE_S - (time.perf_counter() - t_start)
 
         planning, final, score, must_ok = _resequence_finer(case, goal_set, problem, chosen["opt"],
                                                             chosen["objectives"], label, planning, final,
                                                             chosen["results"], score, seconds_left, trace, cancel)
     if not must_ok:
-        normalised = _normalise_for_coverage(case, goal_set, lookup, planning, final, score)
+        normalised = _normalise_for_must_goals(case, goal_set, planning, final, score)
         if normalised is not None:
             planning, final, score, must_ok, step = normalised
             trace.append(step)
