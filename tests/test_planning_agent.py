@@ -226,9 +226,28 @@ def test_normalisation_lowers_an_organ_near_maximum_when_the_target_has_room(age
             assert new_plan.sequencing["total_mu"] < planning.sequencing["total_mu"]
             assert "1 over their limit" in step["reason"]
         else:
-            # The target allows 0.2 % at most: the organ still fails, and "capped" says why.
-            assert new_results[1].passed is False and "capped" in step["reason"]
-            assert step["factor"] > 0.997
+            # The target allows 0.2 % at most: on the scaled plan the organ still fails and the
+            # target still passes, and "capped" says why.
+            scaled = {g["goal"]: g["passed"] for g in step["goals"]}
+            assert scaled[goals[1].describe()] is False and scaled[goals[0].describe()] is True
+            assert "capped" in step["reason"] and 0.997 < step["factor"] < 1.0
+
+
+def test_normalisation_never_scales_a_failing_goal_the_wrong_way(agent_run):
+    # A target passing by less than the headroom and an organ over its limit: the only factor that
+    # keeps the target (a hair above 1) would push the organ further over; nothing is tried.
+    from twinrt.planning.agent import _goal_set, _normalise_for_must_goals, evaluate_goals
+
+    case = phantom_case()
+    planning = agent_run.planning
+    d95 = agent_run.results[0].value
+    organ_max = evaluate_goals(case, planning.dose, [Goal("Organ", "Dmax", "<=", 1000.0, "must")])[0][0].value
+    goals = [Goal("PTV", "D95%", ">=", round(d95 * 0.9995, 4), "must"),
+             Goal("Organ", "Dmax", "<=", round(organ_max * 0.99, 3), "must")]
+    gs = _goal_set(goals)
+    results, score, _ = evaluate_goals(case, planning.dose, gs)
+    assert results[0].passed and results[1].passed is False
+    assert _normalise_for_must_goals(case, gs, planning, results, score) is None
 
 
 @pytest.fixture(scope="module")
@@ -322,6 +341,13 @@ def test_should_goals_wait_while_a_must_goal_fails():
     assert any(e.structure == "PTV" for e in waiting)  # the must-goal is pushed
     free = _edits_for(case, goals, [61.0, 15.0], [organ_obj], dict(owned))
     assert [(e.structure, e.weight) for e in free] == [("Organ", 200.0)]
+    # Nor through another goal's objective: the nice Dmean <= 8 Gy shares the should-goal's
+    # mean-dose objective and must not escalate it either.
+    shared = goals + [Goal("Organ", "Dmean", "<=", 8.0, "nice")]
+    assert not [e for e in _edits_for(case, shared, [58.0, 15.0, 15.0], [organ_obj], dict(owned))
+                if e.structure == "Organ"]
+    assert [e.weight for e in _edits_for(case, shared, [61.0, 15.0, 15.0], [organ_obj], dict(owned))
+            if e.structure == "Organ"] == [200.0]
     # A failing should-goal with no objective yet still gets one at its first weight.
     new = _edits_for(case, goals, [58.0, 15.0])
     assert [(e.structure, e.objective, e.weight) for e in new if e.structure == "Organ"] == [("Organ", "mean_dose", 100.0)]

@@ -35,7 +35,8 @@ PENDING_STAGES_AFTER_PLAN = [("planning agent and goals (AIPlanner)", _SKIPPED),
 PLANNED_DOSE = "planned"
 #: Protocols of ``twinrt run --protocol``: the goal set the virtual planner plans for, the models
 #: (``None``: the shipped default model), the planner's time budget (s) and the intensity levels of
-#: leaf sequencing (20, as ``bench/agent_openkbp.py`` validated: 10 levels cost up to 1 Gy of a PTV's D95).
+#: leaf sequencing (20, as ``bench/agent_openkbp.py`` validated: 10 levels cost 0.5 Gy of PTV D95 on
+#: OpenKBP pt_202 and 1 Gy of PTV70 D95 on pt_233).
 PROTOCOLS = {"head-and-neck": {"goal_set": "head_and_neck_openkbp", "oar_model": None, "dose_model": None,
                                "time_budget_s": 240.0, "levels": 20}}
 

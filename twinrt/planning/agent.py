@@ -19,14 +19,17 @@ Rules (in this order of priority: must > should > nice; the numbers are module c
   ×2 should, ×1.5 nice) and its dose level moved by half the remaining excess (towards 0 for upper
   limits, up to ``1.1 X`` for lower limits). A failing target coverage goal also scales the
   target's existing squared-underdose objectives by the same factor. While a must-goal fails,
-  should- and nice-goals that still fail keep their objective as it is (a new one is still added
-  at its first weight): escalating them too made them pull against the failing must-goal round
+  should- and nice-goals that still fail keep their objective as it is, including one another goal
+  made (a new one is still added at its first weight), and the planner does not stop for "no
+  improvement" until they have had a round after every must-goal passed: escalating them too made them pull against the failing must-goal round
   after round (measured on OpenKBP patients: the spinal cord's D0.1cc and the PTV coverage took
   turns failing while the parotid and mandible objectives grew ×2 a round).
 * A failing must-goal on an organ's near-maximum (``D0.1cc``, ``D1cc``, ``Dmax <= X``) also caps the
-  hot spots of every target that overlaps the organ at ``X`` minus the margin (a squared-overdose
-  objective on the target), when that stays above the target's own dose lower limits: the shared
-  voxels belong to the target in the optimisation, out of the organ objective's reach.
+  hot spots of a target that overlaps the organ at ``X`` minus the margin (a squared-overdose
+  objective on the target): the shared voxels belong to the target in the optimisation, out of the
+  organ objective's reach. Only targets whose dose lower limits are at least
+  :data:`HOT_TARGET_FRACTION` of that level, and only when the level is at or above what those
+  limits aim at (``1 + LEVEL_MARGIN`` times them).
 * A goal that passes by a large margin (:data:`RELAX_MARGIN` of its limit) while a goal of at least
   its priority fails has the weight of its agent-made objective halved (never below a quarter of
   its first weight), to give room to the failing goal. Objectives the user gave are never relaxed.
@@ -42,9 +45,10 @@ Rules (in this order of priority: must > should > nice; the numbers are module c
   (:data:`RESEQUENCE_FACTORS`), while the time budget plus :data:`RESEQUENCE_GRACE_S` allows; the finer plan is kept only when it
   meets more must-goals (more segments are not traded for score alone).
 * Then must-goals that the sequencing still costs are restored by plan normalisation: every MU ×
-  one factor within 1 ± :data:`NORMALISE_MAX` (up for a target's coverage, down for an organ's
-  near-maximum), never so far that a must-goal that passes fails, kept only when more must-goals
-  are met (or as many, with a higher score).
+  one factor within 1 ± :data:`NORMALISE_MAX` (up for a dose lower limit such as a target's
+  coverage, down for a dose upper limit such as an organ's near-maximum), never so far that a
+  must-goal that passes fails, kept only when more must-goals are met (or as many, with a higher
+  score).
 
 The policy is deterministic: the same case, goals, set-up and objectives give the same trace
 (except its ``seconds``) and the same weights.
@@ -449,8 +453,10 @@ def _cap_overlapping_targets(lookup: Callable[[str], Optional[Structure]], resul
     whose dose lower limits are within :data:`HOT_TARGET_FRACTION` of its level (a lower-dose target
     that overlaps the organ is not where it runs hot: capping it pulled PTV56 down against PTV70 on
     pt_225), and only when the level stays at or above the level those limits aim at
-    (``1 + LEVEL_MARGIN`` times the limit), so the cap never asks for less than the coverage. An existing squared-overdose objective
-    on the target keeps the lower level and the higher weight (× ``factor`` when it is raised again).
+    (``1 + LEVEL_MARGIN`` times the limit), so the cap never asks for less than the coverage. An
+    existing squared-overdose objective on the target (the prescription's 107 % cap, or one made for
+    a D2% goal) keeps the lower of the two levels and has its weight × ``factor`` (at least the
+    must-goal's first organ weight), every round the organ's goal still fails.
     """
     m = goal.parsed_metric
     pct = 100.0 if m.kind == "max" else m.parameter if m.kind == "dose_at_percent" else \
@@ -521,6 +527,9 @@ def propose_edits(lookup: Callable[[str], Optional[Structure]], results: Sequenc
                 key = (spec["structure"].lower(), spec["kind"], spec.get("volume_percent"))
                 if key in touched:
                     continue
+                if must_failing and g.priority != "must" and any(
+                        (o.structure.lower(), o.kind, o.volume_percent) == key for j, o in owned.items() if j != i):
+                    continue  # another goal's objective (a parotid's nice 20 Gy on its should 26 Gy): it waits too
                 touched.add(key)
                 existing = [o for o in objectives if _same_objective(o, s.name, spec["kind"], spec.get("volume_percent"))]
                 first = FIRST_WEIGHT[g.priority][0 if is_target else 1]
@@ -697,7 +706,7 @@ def _resequence_finer(case: Case, goal_set: Any, problem: PlanningProblem, opt: 
         if not lost or must_ok:
             break
         levels = min(int(round(base * factor)), RESEQUENCE_MAX_LEVELS)
-        if levels in tried:
+        if levels in tried or levels <= current:
             continue
         tried.add(levels)
         left = seconds_left()
@@ -775,9 +784,16 @@ def _normalise_for_must_goals(case: Case, goal_set: Any, planning: PlanningResul
     def met(f: float) -> int:
         return sum(f >= n if c == ">=" else f <= n for c, n in needs)
 
-    candidates = sorted({min(max(n, keep_lo), keep_hi) for _, n in needs}, key=lambda f: (-met(f), abs(f - 1.0)))
-    factor = candidates[0]
-    capped = met(factor) < len(needs) and any(min(max(n, keep_lo), keep_hi) != n for _, n in needs)
+    # Each need, clipped to the range that keeps the passing ones; a clipped factor that went to the
+    # other side of 1 would push its goal the wrong way and is dropped. Most needs met first, then
+    # the factor nearest 1, then the lower one (an organ's limit before a target's coverage).
+    candidates = sorted(((min(max(n, keep_lo), keep_hi), n) for _, n in needs
+                         if (min(max(n, keep_lo), keep_hi) - 1.0) * (n - 1.0) > 0.0),
+                        key=lambda c: (-met(c[0]), abs(c[0] - 1.0), c[0]))
+    if not candidates:
+        return None
+    factor, need = candidates[0]
+    capped = factor != need
     before = _musts_met(results)
     passing_ids = {id(r) for r in results if r.goal.priority == "must" and r.passed}
     for _ in range(4):
@@ -906,7 +922,9 @@ def virtual_planner(case: Case, goals: Any, setup: Optional[PlanSetup] = None,
         if all(r.passed is not False for r in results):
             stop_reason = "every goal is met"
             break
-        if must_ok and rnd > 1 and not improved:
+        # The should- and nice-goals waited while a must-goal failed: they get a round of their own
+        # before "no improvement" can stop the planner.
+        if must_ok and rnd > 1 and not improved and rounds[-2]["must_ok"]:
             stop_reason = "every must-goal is met and no other goal improved in the last round"
             break
         if rnd == int(max_rounds):
