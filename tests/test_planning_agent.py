@@ -183,19 +183,28 @@ def test_normalisation_restores_target_coverage_lost_in_sequencing(agent_run):
             assert out is None  # more than NORMALISE_MAX would be needed: left to the conflict report
 
 
-def test_normalisation_never_breaks_a_passing_must_goal(agent_run):
-    from twinrt.planning.agent import _goal_set, _normalise_for_must_goals, evaluate_goals
+def _normalisation_inputs(agent_run, ptv_d95_factor, organ_max_factor):
+    """Goals PTV D95% >= its delivered value × ``ptv_d95_factor`` and Organ Dmax <= its delivered
+    value × ``organ_max_factor`` (both must), with the goal set, results and score on the agent's plan."""
+    from twinrt.planning.agent import _goal_set, evaluate_goals
 
     case = phantom_case()
     planning = agent_run.planning
     d95 = agent_run.results[0].value
     organ_max = evaluate_goals(case, planning.dose, [Goal("Organ", "Dmax", "<=", 1000.0, "must")])[0][0].value
-    # The organ's must-goal passes with 0.5 % to spare; the target needs 1 % more: normalisation is
-    # capped below 1.005, so the organ still passes and the target is still short.
-    goals = [Goal("PTV", "D95%", ">=", round(d95 * 1.01, 3), "must"),
-             Goal("Organ", "Dmax", "<=", round(organ_max * 1.005, 3), "must")]
+    goals = [Goal("PTV", "D95%", ">=", round(d95 * ptv_d95_factor, 4), "must"),
+             Goal("Organ", "Dmax", "<=", round(organ_max * organ_max_factor, 4), "must")]
     gs = _goal_set(goals)
     results, score, _ = evaluate_goals(case, planning.dose, gs)
+    return case, planning, goals, gs, results, score
+
+
+def test_normalisation_never_breaks_a_passing_must_goal(agent_run):
+    from twinrt.planning.agent import _normalise_for_must_goals
+
+    # The organ's must-goal passes with 0.5 % to spare; the target needs 1 % more: normalisation is
+    # capped below 1.005, so the organ still passes and the target is still short.
+    case, planning, goals, gs, results, score = _normalisation_inputs(agent_run, 1.01, 1.005)
     assert results[0].passed is False and results[1].passed
     out = _normalise_for_must_goals(case, gs, planning, results, score)
     assert out is not None
@@ -207,18 +216,11 @@ def test_normalisation_never_breaks_a_passing_must_goal(agent_run):
 def test_normalisation_lowers_an_organ_near_maximum_when_the_target_has_room(agent_run):
     # Sequencing can add a few tenths of a Gy to an organ's near-maximum (the cord's D0.1cc on
     # OpenKBP patients): fewer MU take it back when the target's coverage has the room.
-    from twinrt.planning.agent import NORMALISE_MAX, _goal_set, _normalise_for_must_goals, evaluate_goals
+    from twinrt.planning.agent import NORMALISE_MAX, _normalise_for_must_goals
 
-    case = phantom_case()
-    planning = agent_run.planning
-    d95 = agent_run.results[0].value
-    organ_max = evaluate_goals(case, planning.dose, [Goal("Organ", "Dmax", "<=", 1000.0, "must")])[0][0].value
     for room, fixed in ((0.03, True), (0.002, False)):
-        goals = [Goal("PTV", "D95%", ">=", round(d95 * (1 - room), 3), "must"),
-                 Goal("Organ", "Dmax", "<=", round(organ_max * 0.99, 3), "must")]
-        gs = _goal_set(goals)
-        results, score, ok = evaluate_goals(case, planning.dose, gs)
-        assert results[0].passed and results[1].passed is False and not ok
+        case, planning, goals, gs, results, score = _normalisation_inputs(agent_run, 1 - room, 0.99)
+        assert results[0].passed and results[1].passed is False
         new_plan, new_results, _, new_ok, step = _normalise_for_must_goals(case, gs, planning, results, score)
         assert 1.0 - NORMALISE_MAX <= step["factor"] < 1.0 and new_results[0].passed  # coverage never given up
         if fixed:
@@ -236,16 +238,9 @@ def test_normalisation_lowers_an_organ_near_maximum_when_the_target_has_room(age
 def test_normalisation_never_scales_a_failing_goal_the_wrong_way(agent_run):
     # A target passing by less than the headroom and an organ over its limit: the only factor that
     # keeps the target (a hair above 1) would push the organ further over; nothing is tried.
-    from twinrt.planning.agent import _goal_set, _normalise_for_must_goals, evaluate_goals
+    from twinrt.planning.agent import _normalise_for_must_goals
 
-    case = phantom_case()
-    planning = agent_run.planning
-    d95 = agent_run.results[0].value
-    organ_max = evaluate_goals(case, planning.dose, [Goal("Organ", "Dmax", "<=", 1000.0, "must")])[0][0].value
-    goals = [Goal("PTV", "D95%", ">=", round(d95 * 0.9995, 4), "must"),
-             Goal("Organ", "Dmax", "<=", round(organ_max * 0.99, 3), "must")]
-    gs = _goal_set(goals)
-    results, score, _ = evaluate_goals(case, planning.dose, gs)
+    case, planning, goals, gs, results, score = _normalisation_inputs(agent_run, 0.9995, 0.99)
     assert results[0].passed and results[1].passed is False
     assert _normalise_for_must_goals(case, gs, planning, results, score) is None
 
