@@ -32,7 +32,7 @@ def selected_patients(args: argparse.Namespace) -> Optional[list[Path]]:
         return None
     paths = openkbp_patients("validation")
     chosen = [q for q in paths if q.stem == args.patient] if args.patient else paths[:args.patients]
-    first = [x.strip() for x in str(getattr(args, "first", "") or "").split(",") if x.strip()]
+    first = [x.strip() for x in args.first.split(",") if x.strip()]
     return sorted(chosen, key=lambda q: (first.index(q.stem) if q.stem in first else len(first)))
 
 

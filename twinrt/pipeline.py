@@ -333,7 +333,8 @@ def _ai_stages(case: Case, protocol: dict[str, Any], stage: Callable[[str, int, 
         goal_set = load_goal_set(protocol["goal_set"])
         objectives = mimicking_objectives(case, with_uncertainty=prediction.std is not None)
         refs = {k: case.doses[k] for k in ("predicted", "predicted_std") if k in case.doses}
-        return virtual_planner(case, goal_set, setup=PlanSetup(dose_grid_mm=None, levels=protocol["levels"]), objectives=objectives,
+        setup = PlanSetup(dose_grid_mm=None, levels=protocol["levels"])
+        return virtual_planner(case, goal_set, setup=setup, objectives=objectives,
                                time_budget_s=protocol["time_budget_s"], cancel=cancel, reference_doses=refs)
 
     result = stage("plan (AIPlanner virtual planner)", 3, agent)

@@ -21,9 +21,10 @@ Rules (in this order of priority: must > should > nice; the numbers are module c
   target's existing squared-underdose objectives by the same factor. While a must-goal fails,
   should- and nice-goals that still fail keep their objective as it is, including one another goal
   made (a new one is still added at its first weight), and the planner does not stop for "no
-  improvement" until they have had a round after every must-goal passed: escalating them too made them pull against the failing must-goal round
-  after round (measured on OpenKBP patients: the spinal cord's D0.1cc and the PTV coverage took
-  turns failing while the parotid and mandible objectives grew ×2 a round).
+  improvement" until they have had a round after every must-goal passed: escalating them too made
+  them pull against the failing must-goal round after round (measured on OpenKBP patients: the
+  spinal cord's D0.1cc and the PTV coverage took turns failing while the parotid and mandible
+  objectives grew ×2 a round).
 * A failing must-goal on an organ's near-maximum (``D0.1cc``, ``D1cc``, ``Dmax <= X``) also caps the
   hot spots of a target that overlaps the organ at ``X`` minus the margin (a squared-overdose
   objective on the target): the shared voxels belong to the target in the optimisation, out of the
@@ -42,8 +43,9 @@ Rules (in this order of priority: must > should > nice; the numbers are module c
 * After leaf sequencing, a must-goal that the optimised fluence met but the sequenced plan does not
   (quantisation to intensity levels costs a few tenths of a Gy of D95% or of an organ's D0.1cc)
   makes the planner sequence the same fluence again with more intensity levels
-  (:data:`RESEQUENCE_FACTORS`), while the time budget plus :data:`RESEQUENCE_GRACE_S` allows; the finer plan is kept only when it
-  meets more must-goals (more segments are not traded for score alone).
+  (:data:`RESEQUENCE_FACTORS`), while the time budget plus :data:`RESEQUENCE_GRACE_S` allows; the
+  finer plan is kept only when it meets more must-goals (more segments are not traded for score
+  alone).
 * Then must-goals that the sequencing still costs are restored by plan normalisation: every MU ×
   one factor within 1 ± :data:`NORMALISE_MAX` (up for a dose lower limit such as a target's
   coverage, down for a dose upper limit such as an organ's near-maximum), never so far that a
@@ -360,14 +362,19 @@ def _musts_met(results: Sequence[GoalResult]) -> int:
 
 def _organ_musts_met(results: Sequence[GoalResult], lookup: Callable[[str], Optional[Structure]]) -> int:
     """Must-goals met that limit the dose of a structure that is not a target (an organ's limits)."""
+    def organ(name: str) -> bool:
+        s = lookup(name)
+        return s is None or s.type != StructureType.TARGET
+
     return sum(1 for r in results if r.goal.priority == "must" and r.passed and r.goal.comparator == "<="
-               and (lookup(r.goal.structure) is None or lookup(r.goal.structure).type != StructureType.TARGET))
+               and organ(r.goal.structure))
 
 
 def _best_round(rounds: Sequence[dict[str, Any]]) -> int:
     """Index of the round to deliver: most organ must-goals met, then most must-goals, then the
     highest score, then the earliest."""
-    return max(range(len(rounds)), key=lambda i: (rounds[i]["n_organ_must"], rounds[i]["n_must"], rounds[i]["score"], -i))
+    return max(range(len(rounds)),
+               key=lambda i: (rounds[i]["n_organ_must"], rounds[i]["n_must"], rounds[i]["score"], -i))
 
 
 def _round(x: Optional[float]) -> Optional[float]:
@@ -393,6 +400,13 @@ def _structure_volume_cc(s: Structure) -> float:
     return float(s.mask.sum()) * s.grid.voxel_volume_cc
 
 
+def _dose_metric_percent(metric: Any, structure: Structure) -> float:
+    """The volume (% of ``structure``, clipped to 0–100) that a ``D<x>%`` or ``D<x>cc`` metric names."""
+    pct = metric.parameter if metric.kind == "dose_at_percent" else \
+        100.0 * metric.parameter / max(_structure_volume_cc(structure), 1e-9)
+    return min(max(pct, 0.0), 100.0)
+
+
 def goal_objective(goal: Goal, structure: Structure) -> Optional[dict[str, Any]]:
     """The objective that pulls ``goal`` towards passing (without weight), or ``None`` when no rule fits.
 
@@ -412,8 +426,7 @@ def goal_objective(goal: Goal, structure: Structure) -> Optional[dict[str, Any]]
             if (m.kind == "max") != upper:
                 return None  # "Dmax >= X" or "Dmin <= X": nothing sensible to push
             return {"structure": name, "kind": "squared_overdose" if upper else "squared_underdose", "dose_gy": level}
-        pct = m.parameter if m.kind == "dose_at_percent" else 100.0 * m.parameter / max(vol, 1e-9)
-        pct = min(max(pct, 0.0), 100.0)
+        pct = _dose_metric_percent(m, structure)
         # A D_x with a tiny (upper) or nearly whole (lower) volume is a max/min: voxel-wise is steadier.
         if upper and pct <= 2.0:
             return {"structure": name, "kind": "squared_overdose", "dose_gy": level}
@@ -459,9 +472,8 @@ def _cap_overlapping_targets(lookup: Callable[[str], Optional[Structure]], resul
     must-goal's first organ weight), every round the organ's goal still fails.
     """
     m = goal.parsed_metric
-    pct = 100.0 if m.kind == "max" else m.parameter if m.kind == "dose_at_percent" else \
-        100.0 * m.parameter / max(_structure_volume_cc(organ), 1e-9) if m.kind == "dose_at_cc" else None
-    if m.kind != "max" and (pct is None or pct > NEAR_MAX_PERCENT):
+    if m.kind != "max" and (m.kind not in ("dose_at_percent", "dose_at_cc")
+                            or _dose_metric_percent(m, organ) > NEAR_MAX_PERCENT):
         return []
     level = goal.value * (1.0 - LEVEL_MARGIN)
     edits = []
@@ -474,16 +486,18 @@ def _cap_overlapping_targets(lookup: Callable[[str], Optional[Structure]], resul
         floor = max([h.goal.value for h in results if h.goal.comparator == ">=" and h.goal.parsed_metric.is_dose
                      and lookup(h.goal.structure) is t], default=0.0)
         key = (t.name.lower(), "squared_overdose", None)
-        if floor < HOT_TARGET_FRACTION * level or level < floor * (1.0 + LEVEL_MARGIN) or key in touched or not (organ.mask & t.on_grid(organ.grid)).any():
+        if floor < HOT_TARGET_FRACTION * level or level < floor * (1.0 + LEVEL_MARGIN) or key in touched \
+                or _overlap_cc(organ, t) <= 0.0:
             continue
         touched.add(key)
         current = [o for o in objectives if _same_objective(o, t.name, "squared_overdose", None)]
         weight = max([FIRST_WEIGHT["must"][1]] + [float(o["weight"]) * factor for o in current])
         new_level = min([level] + [float(o["dose_gy"]) for o in current])
+        reason = (f"{goal.describe()} fails and {t.name} overlaps {organ.name}: {t.name}'s hot spots capped at "
+                  f"{new_level:.2f} Gy (weight {weight:g}), since the shared voxels belong to {t.name} in the "
+                  "optimisation")
         edits.append(Edit("set_objective", t.name, objective="squared_overdose", value=round(new_level, 4),
-                          weight=weight, reason=f"{goal.describe()} fails and {t.name} overlaps {organ.name}: "
-                                                f"{t.name}'s hot spots capped at {new_level:.2f} Gy (weight {weight:g}), "
-                                                f"since the shared voxels belong to {t.name} in the optimisation"))
+                          weight=weight, reason=reason))
     return edits
 
 
@@ -590,15 +604,20 @@ def propose_edits(lookup: Callable[[str], Optional[Structure]], results: Sequenc
 
 
 # ---------------------------------------------------------------------------------------- conflicts
+def _overlap_cc(a: Structure, b: Structure) -> float:
+    """Volume (cc) that ``a`` and ``b`` share, on ``a``'s grid."""
+    return float((a.mask & b.on_grid(a.grid)).sum()) * a.grid.voxel_volume_cc
+
+
 def _gap_mm(a: Structure, b: Structure) -> tuple[float, float]:
     """(overlap in cc, gap in mm between the masks; 0 when they touch or overlap) on ``a``'s grid."""
     from scipy import ndimage
 
-    ma = a.mask
-    mb = b.on_grid(a.grid)
-    overlap = float((ma & mb).sum()) * a.grid.voxel_volume_cc
+    overlap = _overlap_cc(a, b)
     if overlap > 0:
         return overlap, 0.0
+    ma = a.mask
+    mb = b.on_grid(a.grid)
     if not mb.any():
         return 0.0, math.inf
     sp = tuple(float(v) for v in a.grid.spacing_mm[::-1])  # (i, j, k) → (k, j, i)
